@@ -1,0 +1,212 @@
+"""Hugging Face checkpoint (config.json + safetensors) -> Flax NNX Decoder.
+
+Tensors are memory-mapped, never read whole: each parameter is built with
+`jax.make_array_from_callback`, which asks for exactly the slice each local
+device holds under the parameter's NamedSharding, so a host reads only its
+own shards and never holds two full copies of the model. Casting to the
+target dtype happens per slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from codit_jax import parallel
+from codit_jax.errors import CheckpointError
+from codit_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from codit_jax.models.decoder import Decoder
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+# Where the text decoder's tensors sit in a checkpoint, tried in order: causal LMs;
+# Gemma 3 multimodal as transformers 5 saves it; Gemma 3 multimodal as on the Hub.
+_PREFIXES = (("model.", "lm_head."), ("model.language_model.", "lm_head."),
+             ("language_model.model.", "language_model.lm_head."))
+_HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve(name_or_path: str) -> Path:
+  """A local checkpoint folder, or a Hub id downloaded (safetensors only) into the HF cache."""
+  path = Path(name_or_path).expanduser()
+  if path.is_dir():
+    return path
+  looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1 or path.exists()
+  if looks_local:
+    raise CheckpointError(
+        f"checkpoint folder {str(path)!r} does not exist. Give a folder holding config.json and "
+        "*.safetensors, or a Hugging Face Hub id such as 'Qwen/Qwen3-8B'.")
+  try:
+    from huggingface_hub import snapshot_download  # pylint: disable=g-import-not-at-top
+    return Path(snapshot_download(name_or_path, allow_patterns=_HUB_FILES))
+  except Exception as e:  # network, auth, missing repo: all the user can fix is the id or access
+    raise CheckpointError(
+        f"could not download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
+        "Check the id, your network and `huggingface-cli login` for gated models, or pass a local "
+        "folder that holds the checkpoint.") from None
+
+
+def load_config(path: Path) -> tuple[Any, ModelConfig]:
+  """(transformers config, ModelConfig) of a checkpoint folder; unsupported families refused."""
+  config_file = path / "config.json"
+  if not config_file.is_file():
+    raise CheckpointError(f"{config_file} is missing: a checkpoint folder needs config.json.")
+  try:
+    model_type = json.loads(config_file.read_text()).get("model_type")
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_file} is not valid JSON ({e}).") from None
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise CheckpointError(
+        f"{config_file}: model_type {model_type!r} is not supported. Supported model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)}.")
+  import transformers  # pylint: disable=g-import-not-at-top  (slow import, only when loading)
+  try:
+    hf_config = transformers.AutoConfig.from_pretrained(path)
+  except Exception as e:
+    raise CheckpointError(f"{config_file} could not be read by transformers: {e}") from None
+  return hf_config, ModelConfig.from_hf(hf_config)
+
+
+class SafetensorsFolder:
+  """Name -> memory-mapped tensor over one or several .safetensors files of a folder."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+      weight_map = json.loads(index_file.read_text())["weight_map"]
+      self.source = index_file
+    else:
+      files = sorted(path.glob("*.safetensors"))
+      if not files:
+        raise CheckpointError(
+            f"{path} holds no *.safetensors weights. codit-jax reads safetensors only; convert "
+            "PyTorch .bin weights with transformers (`model.save_pretrained(dir, safe_serialization=True)`).")
+      weight_map = {name: f.name for f in files for name in _read_header(f)[0]}
+      self.source = files[0] if len(files) == 1 else path
+    missing = sorted({f for f in weight_map.values() if not (path / f).is_file()})
+    if missing:
+      raise CheckpointError(
+          f"{index_file} lists shard(s) {', '.join(missing)} that are missing from {path}. The download "
+          "is incomplete: download the checkpoint again (or copy the missing files).")
+    self.weight_map = weight_map
+    self._files: dict[str, tuple[dict, int]] = {}
+
+  def __contains__(self, name: str) -> bool:
+    return name in self.weight_map
+
+  def file_of(self, name: str) -> Path:
+    return self.path / self.weight_map[name]
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return tuple(self._entry(name)[0]["shape"])
+
+  def memmap(self, name: str) -> np.ndarray:
+    info, data_start = self._entry(name)
+    begin, end = info["data_offsets"]
+    dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+    return np.memmap(self.file_of(name), dtype=dtype, mode="r", offset=data_start + begin,
+                     shape=tuple(info["shape"]))
+
+  def _entry(self, name: str):
+    file = self.weight_map[name]
+    if file not in self._files:
+      self._files[file] = _read_header(self.path / file)
+    header, data_start = self._files[file]
+    if name not in header:
+      raise CheckpointError(f"{self.path / file} has no tensor {name!r}, although the index says it does.")
+    return header[name], data_start
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+  """The safetensors header: {name: {dtype, shape, data_offsets}} and where the data starts."""
+  with open(file, "rb") as f:
+    raw = f.read(8)
+    if len(raw) != 8:
+      raise CheckpointError(f"{file} is not a safetensors file (truncated).")
+    (length,) = struct.unpack("<Q", raw)
+    try:
+      header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      raise CheckpointError(f"{file} is not a safetensors file (bad header).") from None
+  header.pop("__metadata__", None)
+  return header, 8 + length
+
+
+def hf_name(path: tuple, prefixes: tuple[str, str]) -> str:
+  """Our parameter path -> the checkpoint's tensor name."""
+  parts = [str(p) for p in path]
+  leaf = {"kernel": "weight", "embedding": "weight"}.get(parts[-1], parts[-1])
+  dotted = ".".join(parts[:-1] + [leaf])
+  if parts[0] == "lm_head":
+    return prefixes[1] + dotted[len("lm_head."):]
+  return prefixes[0] + dotted
+
+
+def _is_transposed(path: tuple) -> bool:
+  return path[-1] == "kernel"  # torch Linear stores (out, in)
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
+               fsdp: bool = False) -> Decoder:
+  """Loads a checkpoint folder or Hub id into a Decoder, placed on `mesh` if given."""
+  if dtype not in DTYPES:
+    raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  path = resolve(str(name_or_path))
+  _, cfg = load_config(path)
+  tensors = SafetensorsFolder(path)
+  prefixes = next((p for p in _PREFIXES if p[0] + "embed_tokens.weight" in tensors), None)
+  if prefixes is None:
+    raise CheckpointError(
+        f"{tensors.source} has no embedding tensor (looked for "
+        f"{', '.join(p[0] + 'embed_tokens.weight' for p in _PREFIXES)}): this is not a checkpoint of a "
+        "supported decoder, or it is incomplete.")
+  target_dtype = DTYPES[dtype]
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=target_dtype, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  for path_parts, variable in state.flat_state():
+    shape = tuple(variable.get_value().shape)
+    variable.set_value(_load_tensor(tensors, path_parts, shape, prefixes, target_dtype, mesh, fsdp))
+  return nnx.merge(graphdef, state)
+
+
+def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp):
+  name = hf_name(path_parts, prefixes)
+  if name not in tensors:
+    raise CheckpointError(
+        f"tensor {name!r} is missing from {tensors.source}. The checkpoint is incomplete, or its "
+        "config.json does not describe these weights (check model_type and tie_word_embeddings).")
+  transposed = _is_transposed(path_parts)
+  expected = tuple(reversed(shape)) if transposed else shape
+  if tensors.shape(name) != expected:
+    raise CheckpointError(
+        f"tensor {name!r} in {tensors.file_of(name)} has shape {tensors.shape(name)}, but config.json "
+        f"implies {expected}. The config and the weights belong to different models: fix config.json "
+        "or download the checkpoint again.")
+  source = tensors.memmap(name)
+  np_dtype = np.dtype(dtype)
+
+  def read(index):
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if transposed:
+      return np.ascontiguousarray(source[tuple(reversed(index))].T, dtype=np_dtype)
+    return np.ascontiguousarray(source[index], dtype=np_dtype)
+
+  if mesh is None:
+    return jnp.asarray(read(()))
+  sharding = parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
+  return jax.make_array_from_callback(shape, sharding, read)

@@ -1,0 +1,313 @@
+"""One decoder-only transformer in Flax NNX for every supported family.
+
+Attribute names follow the Hugging Face module names (`self_attn.q_proj`,
+`post_feedforward_layernorm`, ...) so that a parameter's path here is its
+tensor name in the checkpoint; `checkpoints.py` relies on that.
+
+Two entry points:
+  * `forward(model, tokens, attention_mask)`: a whole (left-padded) sequence,
+    for prefill and training; returns logits and each layer's keys/values.
+  * `decode_step(model, tokens, cache)`: one new token per row against a
+    preallocated `KVCache` whose shape is fixed by batch and maximum length.
+`prefill` joins the two: a forward pass whose keys/values become the cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from codit_jax.models.config import ModelConfig
+
+# Large negative instead of -inf: a fully masked row (a left-pad query) then
+# softmaxes to uniform instead of NaN; its output is never used.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias). The kernel is stored (in, out): the transpose of torch's weight."""
+
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal()
+    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+  def __call__(self, x):
+    y = x @ self.kernel[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """RMSNorm computed in float32, scaled by w (or 1 + w for Gemma), cast back to the input dtype."""
+
+  def __init__(self, dim: int, *, eps: float, plus_one: bool, dtype):
+    self.weight = nnx.Param(jnp.zeros((dim,), dtype) if plus_one else jnp.ones((dim,), dtype))
+    self.eps = eps
+    self.plus_one = plus_one
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    scale = self.weight[...].astype(jnp.float32)
+    if self.plus_one:
+      return (normed * (1.0 + scale)).astype(x.dtype)
+    # Llama-style: cast before scaling, as transformers does.
+    return normed.astype(x.dtype) * self.weight[...]
+
+
+def rotary_cos_sin(positions, inv_freq: np.ndarray, scale: float, dtype):
+  """cos/sin of shape (batch, seq, head_dim) in `dtype`, computed in float32."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+  angles = jnp.concatenate([angles, angles], axis=-1)
+  return (jnp.cos(angles) * scale).astype(dtype), (jnp.sin(angles) * scale).astype(dtype)
+
+
+def apply_rotary(x, cos, sin):
+  """x: (batch, seq, heads, head_dim); rotate-half convention of transformers."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, dtype, rngs: nnx.Rngs):
+    q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    self.q_proj = Linear(cfg.hidden_size, q_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+    norm_dims = {"none": None, "head": (cfg.head_dim, cfg.head_dim), "projection": (q_dim, kv_dim)}[cfg.qk_norm]
+    self.q_norm = self.k_norm = None
+    if norm_dims:
+      norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)
+      self.q_norm = RMSNorm(norm_dims[0], **norm)
+      self.k_norm = RMSNorm(norm_dims[1], **norm)
+    self.cfg = cfg
+    self.layer_type = cfg.layer_types[layer_index]
+
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    """x: (b, s, hidden); mask: (b, s, keys) bool. Returns (output, (keys, values)).
+
+    Without a cache the keys/values are this sequence's; with a cache
+    (k, v of shape (b, max_len, kv_heads, head_dim)) the new entries are
+    written at `cache_index` and attention reads the whole cache.
+    """
+    cfg = self.cfg
+    b, s, _ = x.shape
+    q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+    if cfg.qk_norm == "projection":  # OLMo: one norm over all heads of the projection
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = q.reshape(b, s, cfg.num_heads, cfg.head_dim)
+    k = k.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    v = v.reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm == "head":  # Qwen3, Gemma3: per-head norm before rope
+      q, k = self.q_norm(q), self.k_norm(k)
+    inv_freq, rope_scale = cfg.rope_for(self.layer_type)
+    cos, sin = rotary_cos_sin(positions, inv_freq, rope_scale, x.dtype)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, cache_index, 0, 0))
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, cache_index, 0, 0))
+    out = attend(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
+    return self.o_proj(out.reshape(b, s, -1)), (k, v)
+
+
+def attend(q, k, v, mask, scale, softcap):
+  """Grouped-query attention with float32 scores and softmax. q: (b,s,h,d); k,v: (b,t,kv,d)."""
+  b, s, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, s, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+  if softcap:
+    scores = jnp.tanh(scores / softcap) * softcap
+  scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+  return out.reshape(b, s, h, d)
+
+
+class MLP(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    linear = dict(bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **linear)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **linear)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **linear)
+    self.activation = cfg.activation
+
+  def __call__(self, x):
+    gate = self.gate_proj(x)
+    gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return self.down_proj(gate * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """One block. `block_norms` picks where the RMSNorms sit:
+  'pre' (llama): x + attn(norm(x)); 'sandwich' (gemma3): x + norm(attn(norm(x)));
+  'post' (olmo2/3): x + norm(attn(x)). The MLP half mirrors the attention half.
+  """
+
+  def __init__(self, cfg: ModelConfig, layer_index: int, *, dtype, rngs: nnx.Rngs):
+    self.self_attn = Attention(cfg, layer_index, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)  # noqa: E731
+    has_pre = cfg.block_norms in ("pre", "sandwich")
+    has_post = cfg.block_norms in ("sandwich", "post")
+    self.input_layernorm = norm() if has_pre else None
+    # transformers calls the llama pre-MLP norm "post_attention_layernorm"; gemma3 and
+    # olmo use that name for the norm on the attention output.
+    self.post_attention_layernorm = norm()
+    self.pre_feedforward_layernorm = norm() if cfg.block_norms == "sandwich" else None
+    self.post_feedforward_layernorm = norm() if has_post else None
+    self.block_norms = cfg.block_norms
+
+  def __call__(self, x, positions, mask, cache=None, cache_index=None):
+    if self.block_norms == "pre":
+      attn_in_norm, attn_out_norm = self.input_layernorm, None
+      mlp_in_norm, mlp_out_norm = self.post_attention_layernorm, None
+    else:
+      attn_in_norm, attn_out_norm = self.input_layernorm, self.post_attention_layernorm
+      mlp_in_norm, mlp_out_norm = self.pre_feedforward_layernorm, self.post_feedforward_layernorm
+    h = attn_in_norm(x) if attn_in_norm else x
+    h, kv = self.self_attn(h, positions, mask, cache, cache_index)
+    x = x + (attn_out_norm(h) if attn_out_norm else h)
+    h = mlp_in_norm(x) if mlp_in_norm else x
+    h = self.mlp(h)
+    x = x + (mlp_out_norm(h) if mlp_out_norm else h)
+    return x, kv
+
+
+class Embedding(nnx.Module):
+
+  def __init__(self, vocab_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(nnx.initializers.normal(0.02)(rngs.params(), (vocab_size, dim), dtype))
+
+  def __call__(self, tokens):
+    return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+class Decoder(nnx.Module):
+  """The whole model: embeddings, blocks, final norm, language-model head."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+    rngs = rngs or nnx.Rngs(0)
+    self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)
+    self.lm_head = None if cfg.tie_word_embeddings else Linear(
+        cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+    self.cfg = cfg
+
+  def __call__(self, tokens, positions, query_slots, key_valid, caches=None, cache_index=None):
+    """Hidden states after the final norm, and per-layer (keys, values).
+
+    tokens, positions: (b, s). query_slots: (s,) the key slot each query
+    occupies. key_valid: (b, t) which key slots hold real tokens.
+    """
+    cfg = self.cfg
+    x = self.embed_tokens(tokens)
+    if cfg.embed_scale != 1.0:
+      x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the weight dtype, as transformers does
+    masks = {window: attention_mask(query_slots, key_valid, window)
+             for window in {cfg.window_for(i) for i in range(cfg.num_layers)}}
+    new_kv = []
+    for i, layer in enumerate(self.layers):
+      cache = None if caches is None else caches[i]
+      x, kv = layer(x, positions, masks[cfg.window_for(i)], cache, cache_index)
+      new_kv.append(kv)
+    return self.norm(x), new_kv
+
+  def logits(self, hidden):
+    """float32 logits over the whole (padded) embedding vocabulary."""
+    if self.lm_head is None:
+      kernel = self.embed_tokens.embedding[...].T
+    else:
+      kernel = self.lm_head.kernel[...]
+    logits = jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+    if self.cfg.final_logit_softcap:
+      cap = self.cfg.final_logit_softcap
+      logits = jnp.tanh(logits / cap) * cap
+    return logits
+
+
+def attention_mask(query_slots, key_valid, window: int | None):
+  """(b, s, t) bool: causal over key slots, only valid keys, and within the window if any.
+
+  A sliding window of w keeps keys with slot > query_slot - w (the query itself
+  and the w - 1 before it), the same rule as transformers' masks.
+  """
+  key_slots = jnp.arange(key_valid.shape[1])
+  allowed = key_slots[None, :] <= query_slots[:, None]
+  if window is not None:
+    allowed &= key_slots[None, :] > query_slots[:, None] - window
+  return allowed[None] & key_valid[:, None, :]
+
+
+def positions_from_mask(attention_mask):
+  """Rope positions of a left-padded batch: 0 at each row's first real token."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+class KVCache(NamedTuple):
+  """Static-shape cache of every layer's keys/values for a batch.
+
+  keys/values: per layer (b, max_len, kv_heads, head_dim). key_valid: (b, max_len)
+  marks slots that hold real tokens (left padding stays False). next_position:
+  (b,) rope position of each row's next token. index: the slot the next token
+  is written to, shared by all rows because the batch is left-padded.
+  """
+
+  keys: tuple
+  values: tuple
+  key_valid: jax.Array
+  next_position: jax.Array
+  index: jax.Array
+
+
+def forward(model: Decoder, tokens, attention_mask):
+  """Full-sequence pass over a left-padded batch: (float32 logits (b, s, vocab), per-layer (k, v))."""
+  hidden, kv = _forward_hidden(model, tokens, attention_mask)
+  return model.logits(hidden), kv
+
+
+def _forward_hidden(model, tokens, attention_mask):
+  attention_mask = attention_mask.astype(bool)
+  positions = positions_from_mask(attention_mask)
+  query_slots = jnp.arange(tokens.shape[1])
+  return model(tokens, positions, query_slots, attention_mask)
+
+
+def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=None):
+  """Runs the prompt and returns (float32 logits of the last slot (b, vocab), KVCache of length max_len)."""
+  b, s = tokens.shape
+  if s > max_len:
+    raise ValueError(f"prompt length {s} exceeds the cache length {max_len}")
+  hidden, kv = _forward_hidden(model, tokens, attention_mask)
+  logits = model.logits(hidden[:, -1])
+  pad = ((0, 0), (0, max_len - s), (0, 0), (0, 0))
+  dtype = cache_dtype or hidden.dtype
+  keys = tuple(jnp.pad(k.astype(dtype), pad) for k, _ in kv)
+  values = tuple(jnp.pad(v.astype(dtype), pad) for _, v in kv)
+  key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
+  next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+  return logits, KVCache(keys, values, key_valid, next_position, jnp.asarray(s, jnp.int32))
+
+
+def decode_step(model: Decoder, tokens, cache: KVCache):
+  """Appends one token per row (tokens: (b,)); returns (float32 logits (b, vocab), updated cache)."""
+  key_valid = jax.lax.dynamic_update_slice(
+      cache.key_valid, jnp.ones((tokens.shape[0], 1), bool), (0, cache.index))
+  hidden, kv = model(
+      tokens[:, None], cache.next_position[:, None], cache.index[None], key_valid,
+      caches=list(zip(cache.keys, cache.values)), cache_index=cache.index)
+  new_cache = KVCache(
+      keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv), key_valid=key_valid,
+      next_position=cache.next_position + 1, index=cache.index + 1)
+  return model.logits(hidden[:, 0]), new_cache

@@ -1,0 +1,78 @@
+"""Device mesh and partition rules.
+
+One mesh with two axes: 'data' splits the batch (what pmap would give) and
+'model' splits weights and key/value heads (tensor parallelism). Parameters get
+their PartitionSpec from their name, like logical-axis rules; a dimension that
+the mesh axis does not divide stays replicated rather than failing.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA, MODEL = "data", "model"
+
+# (pattern on the dotted parameter path, spec). First match wins. Kernels are
+# stored (in, out): column-parallel layers split `out`, row-parallel split `in`.
+PARAM_RULES: tuple[tuple[str, tuple], ...] = (
+    (r"embed_tokens\.embedding$", (MODEL, None)),
+    (r"lm_head\.kernel$", (None, MODEL)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", (None, MODEL)),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", (MODEL,)),
+    (r"(o_proj|down_proj)\.kernel$", (MODEL, None)),
+    (r".*", ()),  # norms, other biases: replicated
+)
+
+
+def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'model') mesh over all (or the given) devices."""
+  devices = list(devices if devices is not None else jax.devices())
+  if len(devices) % model_parallelism:
+    raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallelism}")
+  grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
+  return Mesh(grid, (DATA, MODEL))
+
+
+def fit_spec(spec: Sequence, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide their dimension, so any shape can be placed."""
+  spec = tuple(spec) + (None,) * (len(shape) - len(spec))
+  fitted = []
+  for axis, dim in zip(spec, shape):
+    names = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+    size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+    fitted.append(axis if names and dim % size == 0 else None)
+  return P(*fitted)
+
+
+def param_spec(path: str, shape: Sequence[int], mesh: Mesh, fsdp: bool = False) -> P:
+  """PartitionSpec of the parameter at dotted `path` (e.g. 'layers.3.mlp.up_proj.kernel').
+
+  With fsdp, the largest dimension that tensor parallelism left whole is also
+  split over 'data', so each data-parallel replica holds a slice of the weights.
+  """
+  spec = next(s for pattern, s in PARAM_RULES if re.search(pattern, path))
+  spec = list(spec) + [None] * (len(shape) - len(spec))
+  if fsdp and shape:
+    free = [i for i, axis in enumerate(spec) if axis is None]
+    if free:
+      spec[max(free, key=lambda i: shape[i])] = DATA
+  return fit_spec(spec, shape, mesh)
+
+
+def param_sharding(path: str, shape: Sequence[int], mesh: Mesh, fsdp: bool = False) -> NamedSharding:
+  return NamedSharding(mesh, param_spec(path, shape, mesh, fsdp))
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """Leading (batch) dimension over 'data', the rest replicated."""
+  return NamedSharding(mesh, fit_spec((DATA,), shape, mesh))
+
+
+def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+  """KV cache (batch, slots, kv_heads, head_dim): batch over 'data', heads over 'model'."""
+  return NamedSharding(mesh, fit_spec((DATA, None, MODEL, None), shape, mesh))

@@ -1,0 +1,39 @@
+"""codit-jax: CoDIT contrastive decoding and instruction tuning in JAX."""
+
+import re
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = re.search(r'__version__ = "([^"]+)"', Path("codit_jax/__init__.py").read_text()).group(1)
+
+setup(
+    name="codit-jax",
+    version=version,
+    description="Synthesize instruction-tuning data by contrastive decoding (CoDIT) in JAX, and tune students on it.",
+    long_description=Path("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["codit_jax", "codit_jax.*"]),
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.12",
+        "optax",
+        "transformers>=4.56",
+        "orbax-checkpoint",
+        "tensorflow-datasets",
+        "tensorflow-cpu",
+        "absl-py",
+        "safetensors",
+        "ml_collections",
+        "huggingface_hub",
+        "ml_dtypes",
+        "numpy",
+    ],
+    extras_require={
+        # torch only as the numerical reference of the tests; the CPU build.
+        "test": ["pytest", "torch==2.13.0"],
+        "tpu": ["jax[tpu]"],
+        "gpu": ["jax[cuda12]"],
+    },
+)
