@@ -84,11 +84,9 @@ class Attention(nnx.Module):
     self.v_proj = Linear(cfg.hidden_size, kv_dim, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
     self.o_proj = Linear(q_dim, cfg.hidden_size, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
     norm_dims = {"none": None, "head": (cfg.head_dim, cfg.head_dim), "projection": (q_dim, kv_dim)}[cfg.qk_norm]
-    self.q_norm = self.k_norm = None
-    if norm_dims:
-      norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)
-      self.q_norm = RMSNorm(norm_dims[0], **norm)
-      self.k_norm = RMSNorm(norm_dims[1], **norm)
+    norm = dict(eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)
+    self.q_norm = RMSNorm(norm_dims[0], **norm) if norm_dims else None
+    self.k_norm = RMSNorm(norm_dims[1], **norm) if norm_dims else None
     self.cfg = cfg
     self.layer_type = cfg.layer_types[layer_index]
 

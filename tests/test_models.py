@@ -1,0 +1,125 @@
+"""The JAX decoder against transformers' PyTorch models, family by family, in float32.
+
+Each tiny checkpoint is built offline by tests/tiny_checkpoints.py, saved with
+save_pretrained and loaded back through codit_jax.checkpoints, the path real
+checkpoints take. Prompts are 72 tokens: longer than the sliding windows (16)
+and than llama3 rope scaling's original context (32).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import tiny_checkpoints
+from codit_jax import checkpoints, parallel
+from codit_jax.models import decode_step, forward, prefill
+
+FAMILIES = tiny_checkpoints.FAMILIES
+PROMPT_LEN = 72
+PAD = 9  # left padding of the second row
+TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint(family):
+  import tempfile  # pylint: disable=g-import-not-at-top
+  folder = tempfile.mkdtemp(prefix=f"tiny-{family}-")
+  # Several shards, so the index path of the loader is what every test uses.
+  return tiny_checkpoints.make_checkpoint(folder, family, max_shard_size="40KB")
+
+
+@functools.lru_cache(maxsize=None)
+def _prompts(family):
+  """A (2, PROMPT_LEN) batch: row 0 full, row 1 left-padded by PAD; and its mask."""
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, tiny_checkpoints.TOKENIZER_SIZE, size=(2, PROMPT_LEN)).astype(np.int32)
+  tokens[1, :PAD] = 0
+  mask = np.ones((2, PROMPT_LEN), np.int32)
+  mask[1, :PAD] = 0
+  return tokens, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_logits(family):
+  """transformers' logits for each row alone, unpadded: [(PROMPT_LEN, V), (PROMPT_LEN - PAD, V)]."""
+  path = _checkpoint(family)
+  if family == "gemma3_multimodal":
+    model = transformers.Gemma3ForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager")
+  else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager")
+  tokens, mask = _prompts(family)
+  rows = []
+  with torch.no_grad():
+    for row, row_mask in zip(tokens, mask):
+      ids = torch.tensor(row[row_mask.astype(bool)], dtype=torch.long)[None]
+      rows.append(model(input_ids=ids).logits[0].numpy())
+  return rows
+
+
+@functools.lru_cache(maxsize=None)
+def _model(family):
+  return checkpoints.load_model(_checkpoint(family), dtype="float32")
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_logits(family):
+  tokens, mask = _prompts(family)
+  logits, _ = jax.jit(forward)(_model(family), jnp.asarray(tokens), jnp.asarray(mask))
+  return np.asarray(logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_forward_equals_transformers(family):
+  ours = _jax_logits(family)
+  ref = _reference_logits(family)
+  assert np.abs(ours[0] - ref[0]).max() < TOL
+  assert np.abs(ours[1, PAD:] - ref[1]).max() < TOL
+  # The comparison is meaningful only if logits are not tiny.
+  assert ref[0].std() > 0.3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_row_equals_row_alone(family):
+  tokens, mask = _prompts(family)
+  alone, _ = jax.jit(forward)(_model(family), jnp.asarray(tokens[1:, PAD:]), jnp.asarray(mask[1:, PAD:]))
+  np.testing.assert_allclose(_jax_logits(family)[1, PAD:], np.asarray(alone)[0], atol=5e-5, rtol=0)  # float32 sums in another order across shards
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(family):
+  """Prefill 40 slots, then feed the remaining 32 tokens one by one through the static cache."""
+  model = _model(family)
+  tokens, mask = _prompts(family)
+  split = 40
+  logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
+                                                     jnp.asarray(mask[:, :split]), PROMPT_LEN + 8)
+  assert cache.keys[0].shape == (2, PROMPT_LEN + 8, tiny_checkpoints.NUM_KV_HEADS, tiny_checkpoints.HEAD_DIM)
+  full = _jax_logits(family)
+  np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=TOL, rtol=0)
+  step = jax.jit(decode_step, donate_argnums=2)
+  for t in range(split, PROMPT_LEN):
+    logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
+  assert int(cache.index) == PROMPT_LEN
+  np.testing.assert_array_equal(np.asarray(cache.next_position), [PROMPT_LEN, PROMPT_LEN - PAD])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharded_equals_unsharded(family):
+  assert jax.device_count() == 8
+  mesh = parallel.make_mesh(model_parallelism=4)  # ('data': 2, 'model': 4)
+  model = checkpoints.load_model(_checkpoint(family), dtype="float32", mesh=mesh)
+  q_kernel = model.layers[0].self_attn.q_proj.kernel[...]
+  assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+  assert len(q_kernel.addressable_shards) == 8
+  tokens, mask = _prompts(family)
+  batch = parallel.batch_sharding(mesh, tokens.shape)
+  logits, _ = jax.jit(forward)(model, jax.device_put(tokens, batch), jax.device_put(mask, batch))
+  np.testing.assert_allclose(np.asarray(logits), _jax_logits(family), atol=5e-5, rtol=0)  # float32 sums in another order across shards
