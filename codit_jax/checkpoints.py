@@ -32,7 +32,8 @@ _SAFETENSORS_DTYPES = {
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
 # Where the text decoder's tensors sit in a checkpoint, tried in order: causal LMs;
-# Gemma 3 multimodal as transformers 5 saves it; Gemma 3 multimodal as on the Hub.
+# Gemma 3 multimodal as transformers 5 names it in memory (save_original_format=False);
+# Gemma 3 multimodal as on the Hub and as save_pretrained writes it by default.
 _PREFIXES = (("model.", "lm_head."), ("model.language_model.", "lm_head."),
              ("language_model.model.", "language_model.lm_head."))
 _HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]

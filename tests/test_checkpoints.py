@@ -109,19 +109,18 @@ def test_unknown_dtype_refused(llama_sharded):
     checkpoints.load_model(llama_sharded, dtype="float8")
 
 
-def test_gemma3_multimodal_hub_layout(tmp_path):
-  """Gemma 3 on the Hub names text weights language_model.model.*; transformers 5 saves model.language_model.*."""
+def test_gemma3_multimodal_both_layouts(tmp_path):
+  """Gemma 3 on the Hub (and save_pretrained's default) names the text weights language_model.model.*;
+  transformers 5 holds them in memory, and saves them with save_original_format=False, as model.language_model.*."""
   folder = tiny_checkpoints.make_checkpoint(str(tmp_path / "saved"), "gemma3_multimodal")
-  hub = tmp_path / "hub"
-  shutil.copytree(folder, hub)
-  renamed = {}
-  for file in hub.glob("*.safetensors"):
+  renamed_folder = tmp_path / "renamed"
+  shutil.copytree(folder, renamed_folder)
+  for file in renamed_folder.glob("*.safetensors"):
     tensors = load_file(file)
-    renamed = {name.replace("model.language_model.", "language_model.model."): t for name, t in tensors.items()}
-    assert any(name.startswith("language_model.model.") for name in renamed)
-    save_file(renamed, file)
+    assert any(name.startswith("language_model.model.") for name in tensors)
+    save_file({name.replace("language_model.model.", "model.language_model."): t for name, t in tensors.items()}, file)
   tokens = jnp.asarray(np.arange(20, dtype=np.int32)[None])
   mask = jnp.ones_like(tokens)
-  saved_logits, _ = forward(checkpoints.load_model(folder), tokens, mask)
-  hub_logits, _ = forward(checkpoints.load_model(hub), tokens, mask)
-  np.testing.assert_array_equal(np.asarray(saved_logits), np.asarray(hub_logits))
+  hub_logits, _ = forward(checkpoints.load_model(folder), tokens, mask)
+  renamed_logits, _ = forward(checkpoints.load_model(renamed_folder), tokens, mask)
+  np.testing.assert_array_equal(np.asarray(hub_logits), np.asarray(renamed_logits))
