@@ -124,3 +124,16 @@ def test_gemma3_multimodal_both_layouts(tmp_path):
   hub_logits, _ = forward(checkpoints.load_model(folder), tokens, mask)
   renamed_logits, _ = forward(checkpoints.load_model(renamed_folder), tokens, mask)
   np.testing.assert_array_equal(np.asarray(hub_logits), np.asarray(renamed_logits))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "olmo3"])
+def test_legacy_rope_config_format(family, tmp_path):
+  """transformers 4.x configs (rope_theta / rope_scaling / rope_local_base_freq) give the same model."""
+  new = tiny_checkpoints.make_checkpoint(str(tmp_path / "new"), family)
+  old = tiny_checkpoints.make_checkpoint(str(tmp_path / "old"), family, legacy_format=True)
+  assert "rope_parameters" not in json.loads((tmp_path / "old" / "config.json").read_text())
+  tokens = jnp.asarray(np.arange(70, dtype=np.int32)[None] % tiny_checkpoints.TOKENIZER_SIZE)
+  mask = jnp.ones_like(tokens)
+  new_logits, _ = forward(checkpoints.load_model(new), tokens, mask)
+  old_logits, _ = forward(checkpoints.load_model(old), tokens, mask)
+  np.testing.assert_array_equal(np.asarray(new_logits), np.asarray(old_logits))
