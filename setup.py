@@ -29,10 +29,17 @@ setup(
         "huggingface_hub",
         "ml_dtypes",
         "numpy",
+        "pyarrow",  # Parquet prompt files
     ],
+    entry_points={
+        "console_scripts": [
+            "codit-generate=codit_jax.generate:run",
+            "codit-train=codit_jax.train.app:run",
+        ],
+    },
     extras_require={
         # torch only as the numerical reference of the tests; the CPU build.
-        "test": ["pytest", "torch==2.13.0"],
+        "test": ["pytest", "scipy", "torch==2.13.0"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },
