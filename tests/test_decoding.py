@@ -1,0 +1,196 @@
+"""The CoDIT engine against a PyTorch reference, its sampler's statistics, and its invariances."""
+
+import functools
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import transformers
+
+import tiny_checkpoints
+from codit_jax import checkpoints, parallel
+from codit_jax.decoding import sampling, torch_reference
+from codit_jax.decoding.engine import DecodeSettings, Engine, check_vocabularies, generate_batch, prompt_buckets
+from codit_jax.decoding.score import codit_score, log_probs
+from codit_jax.errors import CoditError
+from codit_jax.models import forward
+
+V = tiny_checkpoints.TOKENIZER_SIZE
+PAIR_FAMILIES = ("llama", "qwen3", "gemma3", "olmo3", "mistral")
+
+
+@functools.lru_cache(maxsize=None)
+def _pair(family):
+  post, pre = tiny_checkpoints.make_pair(tempfile.mkdtemp(prefix=f"pair-{family}-"), family)
+  return post, pre
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_pair(family, mesh_shape=None):
+  post, pre = _pair(family)
+  mesh = parallel.make_mesh(model_parallelism=mesh_shape) if mesh_shape else None
+  return checkpoints.load_model(post, mesh=mesh), checkpoints.load_model(pre, mesh=mesh), mesh
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_pair(family):
+  post, pre = _pair(family)
+  return tuple(tiny_checkpoints.load_torch_model(p, family) for p in (post, pre))
+
+
+def _prompts(n, seed=0, lengths=(5, 31, 12, 40, 9, 23)):
+  rng = np.random.default_rng(seed)
+  return [(f"ex{i}", rng.integers(0, V, size=lengths[i % len(lengths)]).tolist()) for i in range(n)]
+
+
+def _settings(**kw):
+  defaults = dict(vocab_size=V, end_ids=(V + 5,), temperature=0.0, max_new_tokens=20)  # no real end token
+  defaults.update(kw)
+  return DecodeSettings(**defaults)
+
+
+@pytest.mark.parametrize("mode", ["codit", "direct"])
+@pytest.mark.parametrize("family", PAIR_FAMILIES)
+def test_greedy_equals_torch_reference(family, mode):
+  """Mixed prompt lengths in batches of 4 vs. the reference one prompt at a time, unpadded."""
+  post, pre, _ = _jax_pair(family)
+  torch_post, torch_pre = _torch_pair(family)
+  prompts = _prompts(6)
+  # Make a token the reference emits part-way an end token, so both 'stop' and 'length' rows occur.
+  probe = torch_reference.generate(torch_post, torch_pre, [prompts[0][1]], end_ids=(), vocab_size=V,
+                                   max_new_tokens=20, mode=mode)[0][0]
+  end_ids = (probe[7],)
+  settings = _settings(mode=mode, end_ids=end_ids)
+  completions = Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16).generate(prompts)
+  reasons = set()
+  for (example_id, ids), got in zip(prompts, completions):
+    tokens, lp_post, lp_pre, reason = torch_reference.generate(
+        torch_post, torch_pre, [ids], end_ids=end_ids, vocab_size=V, max_new_tokens=20, mode=mode)[0]
+    assert got.id == example_id
+    assert got.tokens == tokens
+    assert got.finish_reason == reason
+    np.testing.assert_allclose(got.post_logprobs, lp_post, atol=1e-4, rtol=0)
+    if mode == "codit":
+      np.testing.assert_allclose(got.pre_logprobs, lp_pre, atol=1e-4, rtol=0)
+    else:
+      assert got.pre_logprobs == []
+    reasons.add(reason)
+  assert reasons == {"stop", "length"}
+
+
+def test_score_by_hand():
+  lp_post = jnp.log(jnp.asarray([[0.5, 0.3, 0.004, 0.196]]))
+  lp_pre = jnp.log(jnp.asarray([[0.25, 0.6, 0.05, 0.1]]))
+  score = codit_score(lp_post, lp_pre, alpha=0.01, beta=1.0)
+  # 0.004 < 0.01 * 0.5: out of the plausible set.
+  np.testing.assert_allclose(np.exp(score[0]), [2.0, 0.5, 0.0, 1.96], rtol=1e-5)
+  score_b2 = codit_score(lp_post, lp_pre, alpha=0.5, beta=2.0)
+  np.testing.assert_allclose(np.exp(score_b2[0]), [0.5 / 0.0625, 0.3 / 0.36, 0.0, 0.0], rtol=1e-5)
+
+
+def test_padded_rows_do_not_take_probability_mass():
+  logits = jnp.asarray([[1.0, 2.0, 3.0, 50.0]])  # index 3 is a padding row of the embedding
+  np.testing.assert_allclose(np.exp(log_probs(logits, 3)).sum(), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, 0), (0.7, 0.8, 0), (1.3, 1.0, 3)])
+def test_sampler_follows_the_score(temperature, top_p, top_k):
+  """Chi-square goodness of fit of 4000 first draws; false-alarm rate 1e-3 per case."""
+  score = jnp.asarray([[1.0, 0.5, 0.2, -0.3, -1.0, -jnp.inf, 0.8, -2.0]])
+  draws = 4000
+  keys = sampling.step_keys(7, jnp.arange(draws), 0)
+  tokens = sampling.sample(jnp.repeat(score, draws, axis=0), keys, temperature, top_p, top_k)
+  expected = np.array(jax.nn.softmax(score[0] / temperature), np.float64)
+  if top_k:
+    expected[np.argsort(-expected)[top_k:]] = 0
+  if top_p < 1:
+    order = np.argsort(-expected)
+    mass_before = np.cumsum(expected[order]) - expected[order]
+    expected[order[mass_before >= top_p]] = 0
+  expected /= expected.sum()
+  counts = np.bincount(np.asarray(tokens), minlength=len(expected))
+  assert counts[expected == 0].sum() == 0  # never outside the kept set
+  support = expected > 0
+  _, p_value = scipy.stats.chisquare(counts[support], expected[support] * draws)
+  assert p_value > 1e-3
+
+
+def test_never_draws_outside_plausibility_set():
+  family = "llama"
+  post, pre, _ = _jax_pair(family)
+  prompt = _prompts(1)[0][1]
+  alpha = 0.2
+  settings = _settings(alpha=alpha, temperature=1.0, max_new_tokens=1)
+  examples = [(f"id{i}", prompt) for i in range(64)]
+  completions = Engine(post, pre, settings, batch_size=64, max_prompt_len=64).generate(examples)
+  ids = jnp.asarray([prompt])
+  logits, _ = forward(post, ids, jnp.ones_like(ids))
+  lp = np.asarray(log_probs(logits[0, -1], V))
+  plausible = set(np.flatnonzero(np.exp(lp) >= alpha * np.exp(lp).max()).tolist())
+  drawn = {c.tokens[0] for c in completions}
+  assert len(plausible) < 20  # the set is a real restriction of the 300 tokens
+  assert drawn <= plausible and len(drawn) > 1
+
+
+def _sampled(engine_kwargs, examples, family="qwen3", mesh_shape=None):
+  post, pre, mesh = _jax_pair(family, mesh_shape)
+  settings = _settings(temperature=1.0, top_p=0.95, max_new_tokens=12)
+  engine = Engine(post, pre, settings, max_prompt_len=64, seed=3, mesh=mesh, **engine_kwargs)
+  return {c.id: c.tokens for c in engine.generate(examples)}
+
+
+def test_example_tokens_independent_of_batch_and_devices():
+  examples = _prompts(7)
+  alone = _sampled(dict(batch_size=1), examples[3:4])
+  in_batch = _sampled(dict(batch_size=4), examples)
+  reordered = _sampled(dict(batch_size=3), examples[::-1])
+  sharded = _sampled(dict(batch_size=4), examples, mesh_shape=2)  # 8 devices: data 4 x model 2
+  assert alone["ex3"] == in_batch["ex3"]
+  assert in_batch == reordered == sharded
+  assert len({tuple(t) for t in in_batch.values()}) == len(examples)  # sampling, not a constant
+
+
+def test_greedy_one_device_equals_eight():
+  examples = _prompts(8)
+  post, pre, _ = _jax_pair("gemma3")
+  settings = _settings(max_new_tokens=16)
+  single = Engine(post, pre, settings, batch_size=8, max_prompt_len=64).generate(examples)
+  post8, pre8, mesh = _jax_pair("gemma3", 4)
+  sharded = Engine(post8, pre8, settings, batch_size=8, max_prompt_len=64, mesh=mesh).generate(examples)
+  assert [c.tokens for c in single] == [c.tokens for c in sharded]
+
+
+def test_compiled_programs_bounded_by_buckets():
+  post, pre, _ = _jax_pair("llama")
+  settings = _settings(max_new_tokens=3)
+  engine = Engine(post, pre, settings, batch_size=4, max_prompt_len=100, min_bucket=16)
+  assert engine.buckets == (16, 32, 64, 100) == prompt_buckets(100, 16)
+  rng = np.random.default_rng(1)
+  examples = [(str(i), rng.integers(0, V, size=n).tolist()) for i, n in enumerate(rng.integers(1, 101, 40))]
+  before = generate_batch._cache_size()  # pylint: disable=protected-access
+  engine.generate(examples)
+  engine.generate(examples[:5])  # a partial batch reuses a compiled program
+  assert generate_batch._cache_size() - before <= len(engine.buckets)  # pylint: disable=protected-access
+  with pytest.raises(CoditError, match="exceeds max_prompt_len"):
+    engine.generate([("long", [1] * 101)])
+
+
+def test_tokenizers_that_disagree_are_refused(tmp_path):
+  llama = transformers.AutoTokenizer.from_pretrained(_pair("llama")[0])
+  qwen = transformers.AutoTokenizer.from_pretrained(_pair("qwen3")[0])
+  assert check_vocabularies(llama, transformers.AutoTokenizer.from_pretrained(_pair("llama")[1])) == V
+  with pytest.raises(CoditError, match="disagree .*first differences.*its own pre-trained checkpoint"):
+    check_vocabularies(llama, qwen)
+
+
+def test_bad_settings_refused():
+  with pytest.raises(CoditError, match="mode"):
+    _settings(mode="contrastive")
+  with pytest.raises(CoditError, match="top_p"):
+    _settings(top_p=0.0)
+  post, _, _ = _jax_pair("llama")
+  with pytest.raises(CoditError, match="needs a pre-trained model"):
+    Engine(post, None, _settings(), batch_size=2, max_prompt_len=16)
