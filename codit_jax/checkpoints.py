@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from codit_jax import parallel
+from codit_jax import demo, parallel
 from codit_jax.errors import CheckpointError
 from codit_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from codit_jax.models.decoder import Decoder
@@ -42,7 +42,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def resolve(name_or_path: str) -> Path:
-  """A local checkpoint folder, or a Hub id downloaded (safetensors only) into the HF cache."""
+  """A local checkpoint folder, a Hub id downloaded (safetensors only) into the HF cache, or a built-in one."""
+  if demo.is_builtin(name_or_path):
+    return Path(demo.resolve(name_or_path))
   path = Path(name_or_path).expanduser()
   if path.is_dir():
     return path
