@@ -211,11 +211,19 @@ class Engine:
     results: list[Completion | None] = [None] * len(examples)
     for start in range(0, len(order), self.batch_size):
       chunk = [examples[i] for i in order[start:start + self.batch_size]]
-      for i, completion in zip(order[start:start + self.batch_size], self._run_batch(chunk)):
+      for i, completion in zip(order[start:start + self.batch_size], self.run_batch(chunk)):
         results[i] = completion
     return results
 
-  def _run_batch(self, chunk) -> list[Completion]:
+  def run_batch(self, chunk: Sequence[tuple[str, Sequence[int]]]) -> list[Completion]:
+    """Decodes one batch of at most batch_size (id, prompt ids); completions of this process's rows.
+
+    Every process of a multi-process run calls this with the same batch; each
+    supplies the rows of its devices and gets their completions back (all rows
+    in a single-process run), in batch order.
+    """
+    if len(chunk) > self.batch_size:
+      raise ValueError(f"a batch of {len(chunk)} examples exceeds batch_size {self.batch_size}")
     bucket = self.bucket_for(max(len(ids) for _, ids in chunk))
     b = self.batch_size
     tokens = np.zeros((b, bucket), np.int32)
@@ -229,30 +237,45 @@ class Engine:
     inputs = [self._place(x) for x in (tokens, mask, active, hashes)]
     started = time.perf_counter()
     out = generate_batch(self.post, self.pre, *inputs, jnp.asarray(self.seed, jnp.int32), settings=self.settings)
-    out = jax.tree.map(np.asarray, out)
+    generated = int(jnp.sum(out.num_tokens))  # a collective in multi-process runs: every process calls it
+    rows = {name: _local_rows(value) for name, value in out._asdict().items() if name != "steps"}
     self.seconds += time.perf_counter() - started
-    self.generated_tokens += int(out.num_tokens.sum())
-    return [self._completion(example_id, out, row) for row, (example_id, _) in enumerate(chunk)]
+    self.generated_tokens += generated
+    return [self._completion(chunk[row][0], {name: r[row] for name, r in rows.items()})
+            for row in sorted(rows["tokens"]) if row < len(chunk)]
 
   def _place(self, array: np.ndarray):
     if self.mesh is None:
       return jnp.asarray(array)
-    return jax.device_put(array, parallel.batch_sharding(self.mesh, array.shape))
+    # From a callback, so each process places only the rows of its own devices.
+    sharding = parallel.batch_sharding(self.mesh, array.shape)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-  def _completion(self, example_id, out: BatchOutput, row: int) -> Completion:
-    stopped = bool(out.stopped[row])
-    n = int(out.num_tokens[row]) - (1 if stopped else 0)  # drop the end token
+  def _completion(self, example_id, row: dict) -> Completion:
+    stopped = bool(row["stopped"])
+    n = int(row["num_tokens"]) - (1 if stopped else 0)  # drop the end token
     return Completion(
         id=example_id,
-        tokens=out.tokens[row, :n].tolist(),
+        tokens=row["tokens"][:n].tolist(),
         finish_reason="stop" if stopped else "length",
-        post_logprobs=out.post_logprobs[row, :n].tolist(),
-        pre_logprobs=out.pre_logprobs[row, :n].tolist() if self.settings.mode == "codit" else [],
+        post_logprobs=row["post_logprobs"][:n].tolist(),
+        pre_logprobs=row["pre_logprobs"][:n].tolist() if self.settings.mode == "codit" else [],
     )
 
   @property
   def tokens_per_second(self) -> float:
     return self.generated_tokens / self.seconds if self.seconds else math.nan
+
+
+def _local_rows(array: jax.Array) -> dict[int, np.ndarray]:
+  """{row index: row} for the rows of a batch-sharded array that live on this process's devices."""
+  if array.is_fully_addressable:
+    return dict(enumerate(np.asarray(array)))
+  rows = {}
+  for shard in array.addressable_shards:
+    start = shard.index[0].start or 0 if shard.index else 0
+    rows.update((start + i, row) for i, row in enumerate(np.asarray(shard.data)))
+  return rows
 
 
 def enable_compilation_cache(directory: str) -> None:

@@ -1,0 +1,54 @@
+"""Published CoDIT defaults (../shared/CODIT.md); set the pair, the prompts and the output.
+
+    python -m codit_jax.generate --config=configs/default.py \
+      --config.post_trained=Qwen/Qwen3-8B --config.pre_trained=Qwen/Qwen3-8B-Base \
+      --config.prompts=seed.jsonl --config.output_dir=/data/codit-qwen3-8b
+
+Any key can be overridden with --config.<key>=<value>. The teacher-pair configs
+next to this file start from it.
+"""
+
+from ml_collections import config_dict
+
+
+def get_config() -> config_dict.ConfigDict:
+  config = config_dict.ConfigDict()
+
+  # What to run.
+  config.post_trained = ""  # instruction-tuned model: folder or Hub id
+  config.pre_trained = ""  # its own pre-trained checkpoint (unused in direct mode)
+  config.prompts = ""  # JSONL / JSON array / Parquet file, TFDS folder, or tfds:<name>
+  config.output_dir = ""  # the TFDS dataset written (local folder or gs://)
+  config.mode = "codit"  # 'codit' | 'direct' (post-trained model alone, the baseline)
+
+  # The decoding rule and the sampler (published defaults).
+  config.alpha = 0.01  # plausibility: keep tokens with p_post >= alpha * max p_post
+  config.beta = 1.0  # weight of the pre-trained log-probabilities
+  config.temperature = 1.0  # 0 means greedy
+  config.top_p = 1.0
+  config.top_k = 0  # 0 means off
+  config.max_new_tokens = 4096
+  config.seed = 0
+
+  # Prompts.
+  config.enable_thinking = config_dict.placeholder(bool)  # None: False for templates that read it (Qwen3)
+  config.system_prompt = config_dict.placeholder(str)  # None: no system turn, as published
+  config.prompt_fields = "instruction=instruction,id=id"  # which input fields hold the instruction and id
+  config.prompts_format = ""  # '' tells by the name; or jsonl, json, parquet, tfds
+  config.tfds_split = "train"
+  config.tfds_data_dir = config_dict.placeholder(str)
+  config.strict_input = False  # True: the first bad input record stops the run
+  config.max_prompt_len = 0  # 0: min(2048, the model's context - max_new_tokens)
+  config.long_prompts = "skip"  # 'skip' | 'truncate' (cut the instruction's middle)
+
+  # Compute.
+  config.dtype = "bfloat16"  # 'bfloat16' | 'float32'
+  config.batch_size = 32  # global, over all processes
+  config.model_parallelism = 1  # devices per model replica (the 'model' mesh axis)
+  config.min_bucket = 64  # smallest prompt-length bucket; buckets double up to max_prompt_len
+  config.compilation_cache_dir = "~/.cache/codit_jax/xla"  # '' turns JAX's persistent cache off
+
+  # Output and reporting.
+  config.write_jsonl = False  # also write codit.jsonl in the reference implementation's layout
+  config.log_every_seconds = 30.0
+  return config
