@@ -145,6 +145,9 @@ class DatasetWriter:
 
   def finish(self, num_shards: int, metadata: Mapping[str, Any], description: str) -> None:
     """Writes the TFDS metadata (and the joined JSONL) once all `num_shards` shards exist."""
+    if num_shards == 0:  # every input was skipped: still a (empty) dataset that TFDS reads
+      self.write_shard(0, [])
+      num_shards = 1
     missing = sorted(set(range(num_shards)) - self.finished_shards())
     if missing:
       raise CoditError(f"{self.output_dir}: shards {missing[:10]} are missing; rerun the same command to "
