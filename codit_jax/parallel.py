@@ -1,7 +1,8 @@
 """Device mesh and partition rules.
 
 One mesh with two axes: 'data' splits the batch (what pmap would give) and
-'model' splits weights and key/value heads (tensor parallelism). Parameters get
+'model' splits weights and key/value heads (tensor parallelism), and the
+experts of mixture-of-experts layers (expert parallelism). Parameters get
 their PartitionSpec from their name, like logical-axis rules; a dimension that
 the mesh axis does not divide stays replicated rather than failing.
 """
@@ -20,6 +21,10 @@ DATA, MODEL = "data", "model"
 # (pattern on the dotted parameter path, spec). First match wins. Kernels are
 # stored (in, out): column-parallel layers split `out`, row-parallel split `in`.
 PARAM_RULES: tuple[tuple[str, tuple], ...] = (
+    # Mixture of experts: stacked (experts, in, out) weights split by expert (expert
+    # parallelism, see models/moe.py); the router is small and every device routes.
+    (r"mlp\.experts\.(gate_proj|up_proj|down_proj)$", (MODEL, None, None)),
+    (r"mlp\.gate\.kernel$", ()),
     (r"embed_tokens\.embedding$", (MODEL, None)),
     (r"lm_head\.kernel$", (None, MODEL)),
     (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", (None, MODEL)),
@@ -74,5 +79,5 @@ def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
 
 
 def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """KV cache (batch, slots, kv_heads, head_dim): batch over 'data', heads over 'model'."""
-  return NamedSharding(mesh, fit_spec((DATA, None, MODEL, None), shape, mesh))
+  """KV cache (batch, kv_heads, slots, head_dim): batch over 'data', heads over 'model'."""
+  return NamedSharding(mesh, fit_spec((DATA, MODEL, None, None), shape, mesh))

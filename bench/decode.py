@@ -1,0 +1,161 @@
+"""Decode throughput: the engine in CoDIT and direct mode against a plain PyTorch CoDIT, side by side.
+
+    python bench/decode.py                       # defaults: batch 16, prompt 64, 64 new tokens
+    python bench/decode.py --hidden=1024 --layers=16 --batch=16 --new_tokens=128
+
+One random Llama-family pair of the given size is built (transformers, saved
+with save_pretrained, loaded by both sides from the same files). Every
+prompt is decoded greedily to exactly --new_tokens tokens (no end token), by
+  - the engine, CoDIT mode (both models in one jitted loop),
+  - the engine, direct mode (post-trained model alone),
+  - torch_reference.generate: transformers' PyTorch models with KV caches, a
+    left-padded batch, the CoDIT rule per step in eager PyTorch.
+Times are end to end per call (prefill, decode loop, results on the host),
+after one warm-up call, best of --repeats. The engine's first-call time
+(compilation included) is printed too. Greedy tokens of the engine and
+PyTorch are compared. Prints a table and the ratios; --record appends them to
+bench/RESULTS.md with the machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--prompt_len", type=int, default=64)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--hidden", type=int, default=256)
+  parser.add_argument("--layers", type=int, default=4)
+  parser.add_argument("--heads", type=int, default=8)
+  parser.add_argument("--kv_heads", type=int, default=4)
+  parser.add_argument("--intermediate", type=int, default=768)
+  parser.add_argument("--vocab", type=int, default=8192)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  parser.add_argument("--skip_torch", action="store_true", help="accelerator runs: engine only")
+  parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
+  return parser.parse_args()
+
+
+def build_pair(args, directory: Path) -> tuple[str, str]:
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.LlamaConfig(
+      vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+      max_position_embeddings=max(2048, args.prompt_len + args.new_tokens), tie_word_embeddings=False)
+  folders = []
+  for name, seed in (("post", 0), ("pre", 1)):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+      for p in model.parameters():
+        p.normal_(0.0, 0.05) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(directory / name)
+    folders.append(str(directory / name))
+  return folders[0], folders[1]
+
+
+def timed(fn, repeats: int) -> tuple[float, float, object]:
+  """(first call seconds, best of `repeats` later calls, last result)."""
+  started = time.perf_counter()
+  result = fn()
+  first = time.perf_counter() - started
+  best = float("inf")
+  for _ in range(repeats):
+    started = time.perf_counter()
+    result = fn()
+    best = min(best, time.perf_counter() - started)
+  return first, best, result
+
+
+def main():
+  args = parse_args()
+  import jax  # pylint: disable=g-import-not-at-top
+  from codit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from codit_jax.decoding.engine import DecodeSettings, Engine  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  examples = [(f"ex{i}", rng.integers(0, args.vocab, size=args.prompt_len).tolist()) for i in range(args.batch)]
+  never = (args.vocab + 7,)  # no real end token: every row decodes new_tokens tokens
+  generated = args.batch * args.new_tokens
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    post_path, pre_path = build_pair(args, Path(tmp))
+    post = checkpoints.load_model(post_path, args.dtype)
+    pre = checkpoints.load_model(pre_path, args.dtype)
+    engine_tokens = {}
+    for mode in ("codit", "direct"):
+      settings = DecodeSettings(vocab_size=args.vocab, end_ids=never, mode=mode, temperature=0.0,
+                                max_new_tokens=args.new_tokens)
+      engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len)
+      first, best, out = timed(lambda: engine.generate(examples), args.repeats)  # pylint: disable=cell-var-from-loop
+      engine_tokens[mode] = [c.tokens for c in out]
+      rows.append((f"engine {mode}", first, best))
+    match = None
+    if not args.skip_torch:
+      import torch  # pylint: disable=g-import-not-at-top
+      from codit_jax.decoding import torch_reference  # pylint: disable=g-import-not-at-top
+      torch.set_num_threads(args.threads)
+      torch_dtype = torch.float32 if args.dtype == "float32" else torch.bfloat16
+      import transformers  # pylint: disable=g-import-not-at-top
+      models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).eval()
+                for p in (post_path, pre_path)]
+      prompts = [ids for _, ids in examples]
+      call = lambda: torch_reference.generate(*models, prompts, end_ids=never, vocab_size=args.vocab,  # noqa: E731
+                                              max_new_tokens=args.new_tokens)
+      first, best, out = timed(call, max(1, args.repeats - 1))
+      rows.append(("pytorch codit", first, best))
+      match = np.mean([a == r[0] for a, r in zip(engine_tokens["codit"], out)])
+
+  times = {name: best for name, _, best in rows}
+  lines = [f"decode benchmark, {datetime.date.today()}, {machine(jax)}",
+           f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+           f"intermediate={args.intermediate} vocab={args.vocab} ({parameters(args) / 1e6:.1f}M parameters "
+           f"each), {args.dtype}; batch {args.batch}, prompt {args.prompt_len}, new tokens {args.new_tokens}",
+           "", "| run | first call s (compile incl.) | best s | tokens/s |", "|---|---|---|---|"]
+  lines += [f"| {name} | {first:.2f} | {best:.3f} | {generated / best:.0f} |" for name, first, best in rows]
+  lines.append("")
+  lines.append(f"- CoDIT cost over direct (engine): {times['engine codit'] / times['engine direct']:.2f}x")
+  if "pytorch codit" in times:
+    lines.append(f"- engine CoDIT speed-up over PyTorch CoDIT: {times['pytorch codit'] / times['engine codit']:.2f}x")
+    lines.append(f"- greedy CoDIT rows with identical tokens (engine vs PyTorch): {match:.0%}")
+  text = "\n".join(lines)
+  print(text)
+  if args.record:
+    with (REPO / "bench" / "RESULTS.md").open("a") as f:
+      f.write(f"\n### {' '.join(sys.argv[1:]) or 'defaults'}\n\n```\npython bench/decode.py "
+              f"{' '.join(a for a in sys.argv[1:] if a != '--record')}\n```\n\n{text}\n")
+
+
+def parameters(args) -> int:
+  d = args.hidden // args.heads
+  attention = args.hidden * d * (2 * args.heads + 2 * args.kv_heads)
+  return args.layers * (attention + 3 * args.hidden * args.intermediate) + 2 * args.vocab * args.hidden
+
+
+def machine(jax) -> str:
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, " \
+         f"jax {jax.__version__} on {device.platform} ({kind}), {len(jax.devices())} device(s)"
+
+
+if __name__ == "__main__":
+  main()
