@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from codit_jax import demo, parallel
 from codit_jax.errors import CheckpointError
 from codit_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from codit_jax.models.decoder import Decoder
+from codit_jax.models.decoder import Decoder, use_expert_parallelism
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -184,32 +184,99 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Me
   for path_parts, variable in state.flat_state():
     shape = tuple(variable.get_value().shape)
     variable.set_value(_load_tensor(tensors, path_parts, shape, prefixes, target_dtype, mesh, fsdp))
-  return nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
+  if mesh is not None:
+    use_expert_parallelism(model, mesh)
+  return model
 
 
 def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp):
+  np_dtype = np.dtype(dtype)
+  if _is_stacked_experts(path_parts):
+    read = _experts_reader(tensors, path_parts, shape, prefixes, np_dtype)
+  else:
+    read = _tensor_reader(tensors, path_parts, shape, prefixes, np_dtype)
+  if mesh is None:
+    return jnp.asarray(read(()))
+  sharding = parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
+  return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _full_index(index: tuple, ndim: int) -> tuple:
+  return tuple(index) + (slice(None),) * (ndim - len(index))
+
+
+def _tensor_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, np_dtype):
+  """read(index) -> the slice `index` of the parameter, from the one tensor it is stored as."""
   name = hf_name(path_parts, prefixes)
+  _check_tensor(tensors, name, tuple(reversed(shape)) if _is_transposed(path_parts) else shape)
+  source = tensors.memmap(name)
+  transposed = _is_transposed(path_parts)
+
+  def read(index):
+    index = _full_index(index, len(shape))
+    if transposed:
+      return np.ascontiguousarray(source[tuple(reversed(index))].T, dtype=np_dtype)
+    return np.ascontiguousarray(source[index], dtype=np_dtype)
+
+  return read
+
+
+def _check_tensor(tensors: SafetensorsFolder, name: str, expected: tuple) -> None:
   if name not in tensors:
     raise CheckpointError(
         f"tensor {name!r} is missing from {tensors.source}. The checkpoint is incomplete, or its "
         "config.json does not describe these weights (check model_type and tie_word_embeddings).")
-  transposed = _is_transposed(path_parts)
-  expected = tuple(reversed(shape)) if transposed else shape
   if tensors.shape(name) != expected:
     raise CheckpointError(
         f"tensor {name!r} in {tensors.file_of(name)} has shape {tensors.shape(name)}, but config.json "
         f"implies {expected}. The config and the weights belong to different models: fix config.json "
         "or download the checkpoint again.")
-  source = tensors.memmap(name)
-  np_dtype = np.dtype(dtype)
 
-  def read(index):
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
-    if transposed:
-      return np.ascontiguousarray(source[tuple(reversed(index))].T, dtype=np_dtype)
-    return np.ascontiguousarray(source[index], dtype=np_dtype)
 
-  if mesh is None:
-    return jnp.asarray(read(()))
-  sharding = parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
-  return jax.make_array_from_callback(shape, sharding, read)
+def _is_stacked_experts(path_parts: tuple) -> bool:
+  return len(path_parts) >= 2 and path_parts[-2] == "experts"  # layers.N.mlp.experts.{gate,up,down}_proj
+
+
+def _experts_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, np_dtype):
+  """read(index) -> a slice of stacked expert weights (experts, in, out), from either layout:
+
+  * the Hub's, one torch (out, in) tensor per expert:
+    model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight;
+  * transformers 5's in-memory one (save_pretrained(save_original_format=False)):
+    mlp.experts.gate_up_proj (experts, 2 * inter, hidden), gate rows first, and
+    mlp.experts.down_proj (experts, hidden, inter).
+  Either way a slice reads only the experts and rows it covers.
+  """
+  base = prefixes[0] + ".".join(map(str, path_parts[:-1])) + "."  # 'model.layers.N.mlp.experts.'
+  leaf = str(path_parts[-1])
+  num_experts, fan_in, fan_out = shape
+  if base + f"0.{leaf}.weight" in tensors:
+    names = [base + f"{e}.{leaf}.weight" for e in range(num_experts)]
+    for name in names:
+      _check_tensor(tensors, name, (fan_out, fan_in))
+
+    def read_per_expert(index):
+      experts, rows_in, rows_out = _full_index(index, 3)
+      return np.stack([np.asarray(tensors.memmap(names[e])[rows_out, rows_in].T, dtype=np_dtype)
+                       for e in range(num_experts)[experts]])
+
+    return read_per_expert
+  fused = base + ("down_proj" if leaf == "down_proj" else "gate_up_proj")
+  if fused not in tensors:
+    raise CheckpointError(
+        f"the experts' {leaf} weights are missing from {tensors.source}: found neither {base}0.{leaf}.weight "
+        f"(one tensor per expert, as on the Hub) nor {fused} (stacked, as transformers 5 keeps them). The "
+        "checkpoint is incomplete, or its config.json does not describe these weights.")
+  stacked_rows = 2 * fan_out if fused.endswith("gate_up_proj") else fan_out
+  _check_tensor(tensors, fused, (num_experts, stacked_rows, fan_in))
+  source = tensors.memmap(fused)
+  row_offset = fan_out if leaf == "up_proj" else 0
+
+  def read_stacked(index):
+    experts, rows_in, rows_out = _full_index(index, 3)
+    out_range = range(fan_out)[rows_out]
+    rows = slice(row_offset + out_range.start, row_offset + out_range.stop, out_range.step)
+    return np.ascontiguousarray(source[experts, rows, rows_in].transpose(0, 2, 1), dtype=np_dtype)
+
+  return read_stacked

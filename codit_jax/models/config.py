@@ -21,6 +21,7 @@ SUPPORTED_MODEL_TYPES = (
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3_moe",
     "gemma3_text",
     "gemma3",  # the multimodal checkpoint: we read its text tower only
     "olmo2",
@@ -64,6 +65,15 @@ class ModelConfig:
   sliding_window: int | None = None
   # Rotary embedding per layer type: (layer_type, inverse frequencies, cos/sin scale).
   rope: tuple[tuple[str, tuple[float, ...], float], ...] = ()
+  # Mixture of experts (qwen3_moe). The layers listed in `moe_layers` replace the
+  # MLP by a router over `num_experts` SwiGLU experts of width
+  # `moe_intermediate_size`, of which each token uses `num_experts_per_tok`;
+  # every other layer keeps the dense MLP of width `intermediate_size`.
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False  # renormalise the top-k router probabilities to sum to 1
+  moe_layers: tuple[int, ...] = ()
 
   def rope_for(self, layer_type: str) -> tuple[np.ndarray, float]:
     for name, inv_freq, scale in self.rope:
@@ -135,6 +145,8 @@ def _family_fields(model_type: str, c: Any) -> dict[str, Any]:
     fields.update(qkv_bias=True, o_bias=False)
   elif model_type == "qwen3":
     fields["qk_norm"] = "head"
+  elif model_type == "qwen3_moe":
+    fields.update(qk_norm="head", **_moe_fields(c, num_layers))
   elif model_type == "gemma3_text":
     fields.update(
         activation=_activation(c.hidden_activation),
@@ -151,6 +163,24 @@ def _family_fields(model_type: str, c: Any) -> dict[str, Any]:
   if model_type != "gemma3_text":
     fields["activation"] = _activation(c.hidden_act)
   return fields
+
+
+def _moe_fields(c: Any, num_layers: int) -> dict[str, Any]:
+  """Which layers are sparse, by transformers' rule (Qwen3MoeDecoderLayer): layer i is a
+  mixture of experts unless listed in mlp_only_layers, and only every
+  decoder_sparse_step-th layer counting from 1 ((i + 1) % step == 0) is."""
+  mlp_only = set(getattr(c, "mlp_only_layers", None) or ())
+  step = getattr(c, "decoder_sparse_step", 1) or 1
+  num_experts = c.num_experts
+  moe_layers = tuple(i for i in range(num_layers)
+                     if num_experts > 0 and i not in mlp_only and (i + 1) % step == 0)
+  if moe_layers and not 0 < c.num_experts_per_tok <= num_experts:
+    raise CheckpointError(
+        f"config.json sets num_experts_per_tok={c.num_experts_per_tok} for {num_experts} experts; "
+        "it must be between 1 and num_experts.")
+  return dict(num_experts=num_experts, num_experts_per_tok=c.num_experts_per_tok,
+              moe_intermediate_size=c.moe_intermediate_size, norm_topk_prob=bool(c.norm_topk_prob),
+              moe_layers=moe_layers)
 
 
 def _activation(name: str) -> str:

@@ -10,10 +10,14 @@ Two entry points:
   * `decode_step(model, tokens, cache)`: one new token per row against a
     preallocated `KVCache` whose shape is fixed by batch and maximum length.
 `prefill` joins the two: a forward pass whose keys/values become the cache.
+
+Mixture-of-experts layers (qwen3_moe: `cfg.moe_layers`) swap the MLP for a
+`SparseMoeBlock`; how tokens reach their experts is in `moe.py`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -21,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from codit_jax import parallel
+from codit_jax.models import moe
 from codit_jax.models.config import ModelConfig
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) then
@@ -152,9 +158,66 @@ class MLP(nnx.Module):
     self.activation = cfg.activation
 
   def __call__(self, x):
-    gate = self.gate_proj(x)
-    gate = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-    return self.down_proj(gate * self.up_proj(x))
+    return self.down_proj(activate(self.gate_proj(x), self.activation) * self.up_proj(x))
+
+
+def activate(x, activation: str):
+  return jax.nn.silu(x) if activation == "silu" else jax.nn.gelu(x, approximate=True)
+
+
+class Experts(nnx.Module):
+  """SwiGLU weights of all experts of a layer, stacked (experts, in, out) like Linear kernels,
+  so that one sharding rule can split the expert dimension over 'model'."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    init = nnx.initializers.lecun_normal(in_axis=-2, out_axis=-1, batch_axis=(0,))
+    e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    self.gate_proj = nnx.Param(init(rngs.params(), (e, h, i), dtype))
+    self.up_proj = nnx.Param(init(rngs.params(), (e, h, i), dtype))
+    self.down_proj = nnx.Param(init(rngs.params(), (e, i, h), dtype))
+
+
+class SparseMoeBlock(nnx.Module):
+  """The MLP of a mixture-of-experts layer (Qwen3MoeSparseMoeBlock): a router (`gate`)
+  picks `num_experts_per_tok` experts per token and sums their outputs, weighted.
+
+  `expert_mesh`, set by `use_expert_parallelism`, is the mesh whose 'model' axis
+  splits the experts; None runs all of them where the weights are.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    self.gate = Linear(cfg.hidden_size, cfg.num_experts, bias=False, dtype=dtype, rngs=rngs)
+    self.experts = Experts(cfg, dtype=dtype, rngs=rngs)
+    self.top_k = cfg.num_experts_per_tok
+    self.norm_topk_prob = cfg.norm_topk_prob
+    self.activation = cfg.activation
+    self.expert_mesh = None
+
+  def __call__(self, x):
+    block = functools.partial(moe.moe_block, top_k=self.top_k, norm_topk_prob=self.norm_topk_prob,
+                              act=functools.partial(activate, activation=self.activation))
+    weights = (self.gate.kernel[...], self.experts.gate_proj[...], self.experts.up_proj[...],
+               self.experts.down_proj[...])
+    if self.expert_mesh is None:
+      out = block(x, *weights)
+    else:
+      out = moe.expert_parallel(block, self.expert_mesh)(x, *weights)
+    return out.astype(x.dtype)
+
+
+def use_expert_parallelism(model: "Decoder", mesh) -> None:
+  """Runs each mixture-of-experts layer of `model` expert-parallel over `mesh`'s 'model' axis.
+
+  Only when that axis divides the number of experts: the same condition under
+  which `parallel.param_spec` splits the stacked expert weights, so every device
+  holds whole experts. Otherwise the weights are replicated and the layer runs
+  as it would on one device.
+  """
+  model_devices = mesh.shape[parallel.MODEL]
+  for layer in model.layers:
+    if isinstance(layer.mlp, SparseMoeBlock):
+      splits = model_devices > 1 and model.cfg.num_experts % model_devices == 0
+      layer.mlp.expert_mesh = mesh if splits else None
 
 
 class DecoderLayer(nnx.Module):
@@ -165,7 +228,10 @@ class DecoderLayer(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, layer_index: int, *, dtype, rngs: nnx.Rngs):
     self.self_attn = Attention(cfg, layer_index, dtype=dtype, rngs=rngs)
-    self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
+    if layer_index in cfg.moe_layers:
+      self.mlp = SparseMoeBlock(cfg, dtype=dtype, rngs=rngs)
+    else:
+      self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
     norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, plus_one=cfg.norm_plus_one, dtype=dtype)  # noqa: E731
     has_pre = cfg.block_norms in ("pre", "sandwich")
     has_post = cfg.block_norms in ("sandwich", "post")
