@@ -18,6 +18,7 @@ EXPECTED_GEN_EOS = {
     "llama_tied": ["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
     "qwen2": ["<|im_end|>", "<|endoftext|>"],
     "qwen3": ["<|im_end|>", "<|endoftext|>"],
+    "qwen3_moe": ["<|im_end|>", "<|endoftext|>"],
     "mistral": ["</s>"],
     "gemma3": ["<eos>", "<end_of_turn>"],
     "gemma3_multimodal": ["<eos>", "<end_of_turn>"],
@@ -31,6 +32,7 @@ EXPECTED_PROMPT_END = {
     "llama_tied": "<|start_header_id|>assistant<|end_header_id|>\n\n",
     "qwen2": "<|im_start|>assistant\n",
     "qwen3": "<|im_start|>assistant\n",
+    "qwen3_moe": "<|im_start|>assistant\n",
     "mistral": "[/INST]",
     "gemma3": "<start_of_turn>model\n",
     "gemma3_multimodal": "<start_of_turn>model\n",
@@ -44,6 +46,8 @@ EXPECTED_KEYS = {
     "llama_tied": [],
     "qwen2": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias", "lm_head.weight"],
     "qwen3": ["self_attn.q_norm.weight", "self_attn.k_norm.weight"],
+    # Hub layout: one tensor per expert; layer 1 is dense (mlp_only_layers).
+    "qwen3_moe": ["layers.0.mlp.gate.weight", "layers.0.mlp.experts.7.down_proj.weight", "layers.1.mlp.up_proj.weight"],
     "mistral": ["lm_head.weight"],
     "gemma3": ["pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight", "self_attn.q_norm.weight"],
     "gemma3_multimodal": ["language_model.model.layers.0.self_attn.q_norm.weight",
@@ -119,7 +123,7 @@ def test_tokenizer(tmp_path, family):
         assert not adds_bos
     assert loaded.decode(ids) == text  # byte-level BPE round trip
 
-    if family == "qwen3":
+    if family in ("qwen3", "qwen3_moe"):
         off = loaded.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=False)
         assert off == text + "<think>\n\n</think>\n\n"
         on = loaded.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False, enable_thinking=True)

@@ -31,7 +31,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast
 
-FAMILIES = ("llama", "llama_tied", "qwen2", "qwen3", "mistral", "gemma3", "gemma3_multimodal", "olmo2", "olmo3")
+FAMILIES = ("llama", "llama_tied", "qwen2", "qwen3", "qwen3_moe", "mistral", "gemma3", "gemma3_multimodal", "olmo2",
+            "olmo3")
 
 # Total tokenizer size (BPE vocabulary + all special/added tokens), the same for every family.
 TOKENIZER_SIZE = 300
@@ -46,6 +47,11 @@ NUM_LAYERS = 3
 MAX_POSITIONS = 512
 RMS_NORM_EPS = 1e-6
 SLIDING_WINDOW = 16
+# qwen3_moe: 8 experts, top 2, narrower than the dense MLP so that a mix-up of the two widths fails on shapes.
+NUM_EXPERTS = 8
+NUM_EXPERTS_PER_TOK = 2
+MOE_INTERMEDIATE_SIZE = 32
+MLP_ONLY_LAYERS = [1]  # layers 0 and 2 are mixtures of experts, layer 1 a dense MLP
 
 _CORPUS = """\
 The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
@@ -258,6 +264,7 @@ _TOKENIZER_SPECS = {
     "llama_tied": _LLAMA_TOK,
     "qwen2": _QWEN2_TOK,
     "qwen3": _QWEN3_TOK,
+    "qwen3_moe": _QWEN3_TOK,
     "mistral": _MISTRAL_TOK,
     "gemma3": _GEMMA3_TOK,
     "gemma3_multimodal": _GEMMA3_TOK,
@@ -388,6 +395,11 @@ def _text_config_kwargs(family: str, vocab_size: int, tokenizer) -> dict:
     elif family == "qwen3":
         kw.update(model_type="qwen3", hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
                   attention_bias=False, use_sliding_window=False)
+    elif family == "qwen3_moe":
+        kw.update(model_type="qwen3_moe", hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+                  attention_bias=False, use_sliding_window=False, num_experts=NUM_EXPERTS,
+                  num_experts_per_tok=NUM_EXPERTS_PER_TOK, moe_intermediate_size=MOE_INTERMEDIATE_SIZE,
+                  norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=list(MLP_ONLY_LAYERS))
     elif family == "mistral":
         kw.update(model_type="mistral", hidden_act="silu",
                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}, sliding_window=SLIDING_WINDOW)
@@ -587,7 +599,8 @@ def make_checkpoint(save_dir, family, *, seed=0, dtype="float32", vocab_padding=
         rope_theta / rope_scaling (gemma3: rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern)
         instead of rope_parameters. transformers 5 reads both to the same config. (The safetensors keys need no
         such option: transformers 5 already saves Gemma3ForConditionalGeneration in the Hub layout,
-        language_model.model.*, vision_tower.*, multi_modal_projector.*.)
+        language_model.model.*, vision_tower.*, multi_modal_projector.*, and qwen3_moe experts one tensor per
+        expert, mlp.experts.E.{gate,up,down}_proj.weight, although it holds them stacked in memory.)
       pre_trained: write a base model's generation_config.json (single eos, no sampling defaults).
     """
     _check_family(family)
