@@ -230,6 +230,7 @@ def test_truncate_policy_keeps_long_prompts(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     (dict(post_trained="/nonexistent/model"), "checkpoint folder '/nonexistent/model' does not exist"),
+    (dict(pre_trained="no-such-org/no-such-model"), "could not download 'no-such-org/no-such-model'"),
     (dict(pre_trained="qwen3"), "disagree"),
     (dict(prompts="/nonexistent/seed.jsonl"), "input file '/nonexistent/seed.jsonl' does not exist"),
     (dict(output_dir=""), "leaves output_dir empty"),
