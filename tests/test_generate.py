@@ -262,3 +262,11 @@ def test_plan_is_deterministic_and_sorted_by_length():
   items = [generate_app.Prompt(str(i), "", tuple(range(n))) for i, n in enumerate([5, 3, 9, 3, 1])]
   plan = generate_app.plan_batches(items, 2)
   assert [[p.id for p in b] for b in plan] == [["4", "1"], ["3", "0"], ["2"]]
+
+
+def test_console_script_installed():
+  script = Path(sys.executable).parent / "codit-generate"
+  if not script.exists():
+    pytest.skip("the package is not installed (pip install -e .), so there is no console script")
+  run = subprocess.run([str(script), "--helpfull"], capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0 and "--config" in run.stdout + run.stderr and "--coordinator_address" in run.stdout + run.stderr
