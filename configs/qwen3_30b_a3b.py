@@ -1,0 +1,27 @@
+"""Qwen3-30B-A3B pair of the paper: mixture of experts, 128 experts, top 8 (thinking off).
+
+Both models take about 122 GB in bf16 (30.5B parameters each), and the KV cache
+96 KiB per token per model: 72 GiB for both at batch 64 x (4096 new + 2048
+prompt) slots (docs/moe.md has the arithmetic). The experts are split over the
+'model' mesh axis (expert parallelism), so model_parallelism should divide 128.
+
+  * TPU v6e-8 (8 chips x 32 GB) or 8 x H100: model_parallelism=8, as set here.
+  * TPU v5p-8 (4 chips x 95 GB): --config.model_parallelism=4.
+  * one H200: --config.model_parallelism=1 --config.batch_size=8 (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95).
+  * TPU v5e-8 (128 GB) cannot hold both models: use v5e-16 or larger.
+
+    python -m codit_jax.generate --config=configs/qwen3_30b_a3b.py \
+      --config.prompts=seed.jsonl --config.output_dir=/data/codit-qwen3-30b-a3b
+"""
+
+from codit_jax.config_files import sibling_config
+
+
+def get_config():
+  config = sibling_config(__file__, "default.py")
+  config.post_trained = "Qwen/Qwen3-30B-A3B"
+  config.pre_trained = "Qwen/Qwen3-30B-A3B-Base"
+  config.enable_thinking = False  # CODIT.md: Qwen3 templates get enable_thinking=False
+  config.model_parallelism = 8  # weights do not fit a chip: every model spans the 8 chips of a v6e-8
+  config.batch_size = 64
+  return config
