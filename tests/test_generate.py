@@ -269,4 +269,4 @@ def test_console_script_installed():
   if not script.exists():
     pytest.skip("the package is not installed (pip install -e .), so there is no console script")
   run = subprocess.run([str(script), "--helpfull"], capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0 and "--config" in run.stdout + run.stderr and "--coordinator_address" in run.stdout + run.stderr
+  assert "USAGE" in run.stdout and "--config" in run.stdout and "--coordinator_address" in run.stdout  # absl help exits 1
