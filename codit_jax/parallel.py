@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from codit_jax.errors import CoditError
+
 DATA, MODEL = "data", "model"
 
 # (pattern on the dotted parameter path, spec). First match wins. Kernels are
@@ -38,7 +40,8 @@ def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None =
   """A ('data', 'model') mesh over all (or the given) devices."""
   devices = list(devices if devices is not None else jax.devices())
   if len(devices) % model_parallelism:
-    raise ValueError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallelism}")
+    raise CoditError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallelism}: "
+                     "set model_parallelism to a divisor of the device count.")
   grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
   return Mesh(grid, (DATA, MODEL))
 
