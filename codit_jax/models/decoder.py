@@ -280,11 +280,14 @@ class Decoder(nnx.Module):
         cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, tokens, positions, query_slots, key_valid, caches=None, cache_index=None):
+  def __call__(self, tokens, positions, query_slots, key_valid, caches=None, cache_index=None,
+               segment_ids=None):
     """Hidden states after the final norm, and per-layer (keys, values).
 
     tokens, positions: (b, s). query_slots: (s,) the key slot each query
     occupies. key_valid: (b, t) which key slots hold real tokens.
+    segment_ids: optional (b, s), without a cache: rows packed with several
+    documents (training); a query then sees only keys of its own segment.
     """
     cfg = self.cfg
     x = self.embed_tokens(tokens)
@@ -292,6 +295,9 @@ class Decoder(nnx.Module):
       x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the weight dtype, as transformers does
     masks = {window: attention_mask(query_slots, key_valid, window)
              for window in {cfg.window_for(i) for i in range(cfg.num_layers)}}
+    if segment_ids is not None:
+      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+      masks = {window: mask & same_segment for window, mask in masks.items()}
     new_kv = []
     for i, layer in enumerate(self.layers):
       cache = None if caches is None else caches[i]
