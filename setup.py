@@ -13,7 +13,7 @@ setup(
     description="Synthesize instruction-tuning data by contrastive decoding (CoDIT) in JAX, and tune students on it.",
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["codit_jax", "codit_jax.*"]),
     install_requires=[
         "jax>=0.7",
