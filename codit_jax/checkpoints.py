@@ -160,6 +160,11 @@ def hf_name(path: tuple, prefixes: tuple[str, str]) -> str:
   return prefixes[0] + dotted
 
 
+def weight_prefixes(tensors: SafetensorsFolder) -> tuple[str, str] | None:
+  """(decoder prefix, lm_head prefix) of the layout `tensors` are stored in; None without an embedding."""
+  return next((p for p in _PREFIXES if p[0] + "embed_tokens.weight" in tensors), None)
+
+
 def _is_transposed(path: tuple) -> bool:
   return path[-1] == "kernel"  # torch Linear stores (out, in)
 
