@@ -1,0 +1,58 @@
+"""Training metrics, each record to three places: output_dir/metrics.jsonl, the absl log, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from absl import logging
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLog:
+  """Appends {'step': ..., name: value, ...} records.
+
+  A resumed run first drops the records past the step it resumes from: they
+  belong to steps that the killed run did not checkpoint and that are run
+  again, so the file then reads like one uninterrupted run's.
+  """
+
+  def __init__(self, output_dir: Path, resume_step: int):
+    self.path = output_dir / METRICS_FILE
+    if self.path.is_file():
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow; TensorBoard event files only)
+    from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    self._writer = tf.summary.create_file_writer(str(output_dir / TENSORBOARD_DIR))
+    # What tensorboard.summary.scalar writes, without needing the tensorboard package (tensorflow-cpu
+    # does not bring it): a float32 scalar tensor tagged for the scalars dashboard.
+    self._scalar = summary_pb2.SummaryMetadata(
+        plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="scalars"))
+
+  def write(self, step: int, **values: float) -> None:
+    record = {"step": step, **{k: float(v) for k, v in values.items()}}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    logging.info("step %d | %s", step, " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step"))
+    with self._writer.as_default(step=step):
+      for name, value in record.items():
+        if name != "step":
+          self._tf.summary.write(name, self._tf.constant(value, self._tf.float32), metadata=self._scalar)
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+def _fmt(value: float) -> str:
+  return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.0f}"
+
+
+def read(output_dir: Path) -> list[dict]:
+  path = Path(output_dir) / METRICS_FILE
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

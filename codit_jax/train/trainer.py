@@ -1,0 +1,199 @@
+"""The codit-train job: read the data, tune the student, checkpoint, export it to Hugging Face format.
+
+Everything the run writes lives in `output_dir`:
+
+    train_run.json     the settings that decide the weights (a resumed run must repeat them)
+    checkpoints/<step> orbax: params, optimizer state, step and data position
+    metrics.jsonl      one JSON record per log line (loss, learning_rate, ...) and per eval
+    tensorboard/       the same metrics as TensorBoard events
+    hf/                the tuned student, a Hugging Face folder (written at the end)
+
+Steps count optimizer updates; each takes `grad_accumulation` micro-batches
+of `batch_size` rows. Rerunning the same command after a crash resumes from
+the latest checkpoint with the next batch of the same data order, and ends
+with the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers
+from absl import logging
+from flax import nnx
+
+from codit_jax import checkpoints, parallel
+from codit_jax.errors import CoditError
+from codit_jax.models.decoder import Decoder, use_expert_parallelism
+from codit_jax.train import checkpointing, data, export, metrics, steps
+
+_REQUIRED = ("student", "datasets", "output_dir")
+# Settings that do not change the weights a run ends with; a resumed run may change these.
+_OPERATIONAL_KEYS = ("output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every",
+                     "export_dtype", "compilation_cache_dir")
+CHECKPOINT_DIR = "checkpoints"
+HF_DIR = "hf"
+
+
+def validate(config) -> None:
+  missing = [key for key in _REQUIRED if not config.get(key)]
+  if missing:
+    raise CoditError(f"the config leaves {', '.join(missing)} empty. Set them in the config file or with "
+                     f"--config.{missing[0]}=..., e.g. --config=configs/sft_default.py "
+                     "--config.student=Qwen/Qwen3-0.6B-Base --config.chat_template=chatml "
+                     "--config.datasets=/data/codit-qwen3-8b --config.output_dir=/data/sft-qwen3-0.6b.")
+  positive = ("batch_size", "grad_accumulation", "log_every")
+  for key in positive:
+    if config[key] < 1:
+      raise CoditError(f"{key} must be at least 1; got {config[key]}.")
+  if config.max_length < 2:
+    raise CoditError(f"max_length must be at least 2; got {config.max_length}.")
+  if config.max_steps < 0 or (config.max_steps == 0 and config.epochs < 1):
+    raise CoditError("set max_steps (optimizer steps) or epochs to a positive number.")
+  if config.dtype not in checkpoints.DTYPES:
+    raise CoditError(f"dtype {config.dtype!r} is not supported; use one of {', '.join(checkpoints.DTYPES)}.")
+  if config.compute_dtype not in steps.COMPUTE_DTYPES:
+    raise CoditError(f"compute_dtype {config.compute_dtype!r} is not supported; use one of "
+                     f"{', '.join(steps.COMPUTE_DTYPES)}.")
+
+
+def run_settings(config) -> dict:
+  return {k: v for k, v in config.to_dict().items() if k not in _OPERATIONAL_KEYS}
+
+
+def prepare_data(config, fmt: data.ChatFormat, report: data.DataReport):
+  """(train examples, eval examples), tokenized in the student's format."""
+  examples = data.read_datasets(config.datasets, drop_repetitive=config.drop_repetitive,
+                                drop_unfinished=config.drop_unfinished, report=report)
+  tokenized = [t for e in examples if (t := data.tokenize(fmt, e, config.max_length, report)) is not None]
+  report.kept = len(tokenized)
+  if not tokenized:
+    raise CoditError(f"no training examples are left of {report.read} read (dropped: {dict(report.dropped)}). "
+                     "Check the filters (drop_repetitive, drop_unfinished) and max_length.")
+  train_ids, eval_ids = data.split_eval(len(tokenized), config.eval_fraction, config.seed)
+  return [tokenized[i] for i in train_ids], [tokenized[i] for i in eval_ids]
+
+
+def _device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+  return {k: jax.device_put(v, parallel.batch_sharding(mesh, v.shape)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, params, batches, mesh) -> float:
+  """Mean loss per trained token over the whole eval set."""
+  sums = [eval_step(params, _device_batch(b, mesh)) for b in batches]
+  total, count = np.sum(np.asarray(jax.device_get(sums), np.float64), axis=0)
+  return float(total / max(count, 1.0))
+
+
+def train(config) -> dict:
+  """Runs (or resumes) the job of `config`; returns a summary."""
+  if config is None:
+    raise CoditError("no config: pass --config=configs/<file>.py (configs/sft_demo.py runs offline).")
+  validate(config)
+  started = time.perf_counter()
+  if config.compilation_cache_dir:
+    from codit_jax.decoding import engine  # pylint: disable=g-import-not-at-top
+    engine.enable_compilation_cache(str(Path(config.compilation_cache_dir).expanduser()))
+  output_dir = Path(config.output_dir).expanduser().absolute()
+
+  student_path = checkpoints.resolve(config.student)
+  _, cfg = checkpoints.load_config(student_path)
+  if cfg.moe_layers and jax.default_backend() == "cpu":
+    raise CoditError(
+        f"{config.student} is a mixture-of-experts model; its CPU expert kernel (a loop over tiles) cannot be "
+        "differentiated, so MoE students train on TPU or GPU (jax.lax.ragged_dot) only.")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(student_path)
+  data.set_chat_template(tokenizer, config.chat_template, config.student)
+  fmt = data.ChatFormat.for_student(tokenizer, student_path)
+  logging.info("end of an assistant turn: %s", tokenizer.convert_ids_to_tokens(list(fmt.end_ids)))
+  report = data.DataReport()
+  train_set, eval_set = prepare_data(config, fmt, report)
+  logging.info("data: %s; %d train and %d eval examples.", report.as_dict(), len(train_set), len(eval_set))
+  plan = data.BatchPlan(train_set, config.batch_size, config.max_length, config.packing, config.seed)
+  accumulation = config.grad_accumulation
+  total_steps = config.max_steps or plan.batches_for_epochs(config.epochs) // accumulation
+  if total_steps < 1:
+    raise CoditError(f"{config.epochs} epoch(s) of {plan.batches_in_epoch(0)} batches make no optimizer step of "
+                     f"grad_accumulation={accumulation} batches; set max_steps or more epochs.")
+
+  mesh = parallel.make_mesh(config.model_parallelism)
+  manager = checkpointing.Checkpoints(output_dir / CHECKPOINT_DIR, config.keep_checkpoints)
+  start = manager.latest_step() or 0
+  checkpointing.claim(output_dir, run_settings(config), has_checkpoints=start > 0)
+
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=checkpoints.DTYPES[config.dtype], rngs=nnx.Rngs(0)))
+  use_expert_parallelism(abstract, mesh)
+  layout, shapes = steps.ParamLayout.of(abstract)
+  shardings = steps.param_shardings(shapes, mesh, config.fsdp)
+  tx, schedule = steps.make_optimizer(config, total_steps)
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  opt_shardings = steps.state_shardings(opt_shapes, shapes, shardings, mesh)
+  if start:
+    params, opt_state, progress = manager.restore(
+        start, checkpointing.abstract_like(shapes, shardings), checkpointing.abstract_like(opt_shapes, opt_shardings))
+    if progress.get("data_position") != start * accumulation:
+      raise CoditError(f"checkpoint {start} in {output_dir / CHECKPOINT_DIR} records data position "
+                       f"{progress.get('data_position')}, not {start * accumulation}: it was written by another run.")
+    logging.info("resuming from step %d of %d (checkpoint in %s).", start, total_steps, output_dir / CHECKPOINT_DIR)
+  else:
+    _, params = steps.ParamLayout.of(checkpoints.load_model(student_path, config.dtype, mesh, config.fsdp))
+    opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+
+  train_step = steps.make_train_step(layout, tx, config.compute_dtype, shardings, opt_shardings)
+  eval_step = steps.make_eval_step(layout, config.compute_dtype)
+  eval_batches = data.eval_batches(eval_set, config.batch_size, config.max_length, config.packing)
+  log = metrics.MetricsLog(output_dir, start)
+  summary = {"start_step": start, "total_steps": total_steps, "data": report.as_dict()}
+  if start == 0 and eval_batches:  # the student before tuning: the baseline of eval_loss
+    summary["initial_eval_loss"] = evaluate(eval_step, params, eval_batches, mesh)
+    log.write(0, eval_loss=summary["initial_eval_loss"])
+  if start < total_steps:
+    summary.update(_loop(config, params, opt_state, start, total_steps, plan, train_step, eval_step, eval_batches,
+                         schedule, mesh, manager, log))
+    params = summary.pop("params")
+  manager.wait()
+  manager.close()
+  log.close()
+  hf_dir = export.export(params, student_path, tokenizer, output_dir / HF_DIR, tied=cfg.tie_word_embeddings,
+                         end_ids=list(fmt.end_ids), export_dtype=config.export_dtype)
+  summary.update(hf_dir=str(hf_dir), wall_seconds=time.perf_counter() - started)
+  logging.info("done: %s", summary)
+  return summary
+
+
+def _loop(config, params, opt_state, start, total_steps, plan, train_step, eval_step, eval_batches, schedule,
+          mesh, manager, log) -> dict:
+  accumulation = config.grad_accumulation
+  batches = plan.batches(start * accumulation)
+  window, timer_start, timed_tokens = [], None, 0
+  epoch = loss = eval_loss = None
+  for step in range(start + 1, total_steps + 1):
+    for _ in range(accumulation):
+      epoch, batch = next(batches)
+      params, opt_state, step_metrics = train_step(params, opt_state, _device_batch(batch, mesh))
+      if timer_start is None:  # the first step compiles: time the steps after it
+        jax.block_until_ready(step_metrics)
+        timer_start = time.perf_counter()
+      else:
+        timed_tokens += int(batch["tokens"].size - np.sum(batch["segment_ids"] == 0))
+      window.append(step_metrics)
+    if step % config.checkpoint_every == 0 or step == total_steps:
+      manager.save(step, params, opt_state, {"step": step, "data_position": step * accumulation, "epoch": epoch})
+    if step % config.log_every == 0 or step == total_steps:
+      host = jax.device_get(window)
+      elapsed = time.perf_counter() - timer_start
+      loss = float(np.mean([m["loss"] for m in host]))
+      log.write(step, loss=loss, learning_rate=float(schedule(step - 1)),
+                grad_norm=float(np.mean([m["grad_norm"] for m in host])),
+                trained_tokens=float(np.sum([m["trained_tokens"] for m in host])),
+                tokens_per_second=timed_tokens / elapsed if elapsed > 0 and timed_tokens else 0.0, epoch=epoch)
+      window, timed_tokens = [], 0
+    if eval_batches and ((config.eval_every and step % config.eval_every == 0) or step == total_steps):
+      eval_loss = evaluate(eval_step, params, eval_batches, mesh)
+      log.write(step, eval_loss=eval_loss)
+    if not window:  # after a log line: time the next window from here, without logging and eval
+      timer_start = time.perf_counter()
+  return {"params": params, "final_loss": loss, "eval_loss": eval_loss, "epochs_started": epoch + 1}
