@@ -78,8 +78,7 @@ def _flags(settings: dict) -> list[str]:
 
 def _final_params(output_dir: Path) -> dict:
   """The parameters of the run's last checkpoint, as numpy arrays by name."""
-  manager = ocp.CheckpointManager(output_dir / "checkpoints", item_names=("state", "progress"))
-  step = manager.latest_step()
+  step = max(int(p.name) for p in (output_dir / "checkpoints").iterdir() if p.name.isdigit())
   state = ocp.StandardCheckpointer().restore(output_dir / "checkpoints" / str(step) / "state")
   return {k: np.asarray(v) for k, v in state["params"].items()}
 
@@ -282,6 +281,23 @@ def test_unfinished_responses_get_no_end_token():
   truncated = data.tokenize(fmt, data.Example("Hi", "one two three four five six seven", True, False, "t"),
                             len(cut.tokens) - 2)
   assert truncated.tokens[-1] not in fmt.end_ids
+
+
+@pytest.mark.parametrize("family, template, eos, end", [
+    ("llama", "", None, "<|eot_id|>"),
+    ("gemma3", "", None, "<end_of_turn>"),  # not the tokenizer's eos (<eos>)
+    ("mistral", "", None, "</s>"),
+    ("qwen3", "", None, "<|im_end|>"),
+    ("qwen3", "chatml", "<|endoftext|>", "<|im_end|>"),  # a base model given ChatML: its own special token
+    ("llama", "chatml", None, "<|eot_id|>"),  # '<|im_end|>' is plain text here: fall back to eos
+])
+def test_end_of_turn_token_is_what_the_template_writes(tmp_path, family, template, eos, end):
+  tokenizer = tiny_checkpoints.make_tokenizer(tmp_path, family)
+  if eos:
+    tokenizer.eos_token = eos
+  data.set_chat_template(tokenizer, template, family)
+  fmt = data.ChatFormat.for_student(tokenizer, None)
+  assert tokenizer.convert_ids_to_tokens(list(fmt.end_ids)) == [end]
 
 
 def _tfds_folder_without_response(folder: Path) -> str:

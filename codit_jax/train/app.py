@@ -12,7 +12,7 @@ output_dir; the tuned student ends up in output_dir/hf.
 import logging as std_logging
 import sys
 
-from absl import app, flags, logging
+from absl import app, logging
 from ml_collections import config_flags
 
 from codit_jax.errors import CoditError

@@ -194,18 +194,23 @@ def set_chat_template(tokenizer, chat_template: str, student: str) -> None:
 
 
 def assistant_end_ids(tokenizer, stop_ids: Sequence[int]) -> list[int]:
-  """The tokens the chat template writes after an assistant message, up to its first stop token.
+  """The tokens the chat template writes after an assistant message, up to its end-of-turn token.
 
   Rendering a conversation that ends in an assistant turn shows what the
   template closes that turn with ('<|im_end|>\\n', '<|eot_id|>',
   '<end_of_turn>\\n', '</s>'). Training on that end-of-turn token, rather
   than on the tokenizer's eos, teaches the student to close its turns the way
-  chat front ends read them (Gemma's eos is not its end of turn). What comes
-  after the stop token (a newline) is never generated, so it is left out. A
-  template whose closing text holds no stop token (ChatML put on a base
-  tokenizer, where '<|im_end|>' is plain text) falls back to the eos token.
+  its template writes them (Gemma's eos is not its end of turn; a Qwen base
+  model given ChatML has '<|im_end|>' in its vocabulary but eos
+  '<|endoftext|>'). The end-of-turn token is the first one of the closing text
+  that is a stop token or a special token. What follows it (a newline) is never
+  generated, so it is left out. A template whose closing text holds no such
+  token (ChatML on a tokenizer where '<|im_end|>' is plain text) falls back to
+  the eos token.
   """
   stop_ids = set(int(i) for i in stop_ids)
+  special_ids = set(tokenizer.all_special_ids) | {
+      int(i) for i, token in tokenizer.added_tokens_decoder.items() if token.special}
   messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _RESPONSE_SENTINEL}]
   try:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -216,7 +221,7 @@ def assistant_end_ids(tokenizer, stop_ids: Sequence[int]) -> list[int]:
     after = text[text.rindex(_RESPONSE_SENTINEL) + len(_RESPONSE_SENTINEL):]
     ids = list(tokenizer(after, add_special_tokens=False)["input_ids"])
     for i, token in enumerate(ids):
-      if token in stop_ids:
+      if token in stop_ids or token in special_ids:
         return ids[:i + 1]
   if tokenizer.eos_token_id is None:
     raise CoditError("the student's tokenizer has no eos token and its chat template no end-of-turn token, "

@@ -78,7 +78,9 @@ def prepare_data(config, fmt: data.ChatFormat, report: data.DataReport):
 
 
 def _device_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-  return {k: jax.device_put(v, parallel.batch_sharding(mesh, v.shape)) for k, v in batch.items()}
+  """The batch split over 'data'; each device gets only its rows of the host arrays."""
+  return {k: jax.make_array_from_callback(v.shape, parallel.batch_sharding(mesh, v.shape), lambda i, v=v: v[i])
+          for k, v in batch.items()}
 
 
 def evaluate(eval_step, params, batches, mesh) -> float:
@@ -120,10 +122,48 @@ def train(config) -> dict:
                      f"grad_accumulation={accumulation} batches; set max_steps or more epochs.")
 
   mesh = parallel.make_mesh(config.model_parallelism)
+  if config.batch_size % mesh.shape[parallel.DATA]:
+    logging.warning("batch_size %d does not split over %d data-parallel replicas: every replica computes the "
+                    "whole batch. Use a multiple of %d.", config.batch_size, mesh.shape[parallel.DATA],
+                    mesh.shape[parallel.DATA])
   manager = checkpointing.Checkpoints(output_dir / CHECKPOINT_DIR, config.keep_checkpoints)
   start = manager.latest_step() or 0
-  checkpointing.claim(output_dir, run_settings(config), has_checkpoints=start > 0)
+  # The data's size too: a dataset that changed under a run would silently change the data order.
+  settings = dict(run_settings(config), train_examples=len(train_set), train_tokens=sum(plan.lengths))
+  checkpointing.claim(output_dir, settings, has_checkpoints=start > 0)
 
+  state = _initial_state(config, cfg, student_path, mesh, manager, start, total_steps)
+  layout, params, opt_state, tx, schedule, shardings, opt_shardings = state
+  if start:
+    logging.info("resuming from step %d of %d (checkpoint in %s).", start, total_steps, output_dir / CHECKPOINT_DIR)
+
+  train_step = steps.make_train_step(layout, tx, config.compute_dtype, shardings, opt_shardings)
+  eval_step = steps.make_eval_step(layout, config.compute_dtype)
+  eval_batches = data.eval_batches(eval_set, config.batch_size, config.max_length, config.packing)
+  log = metrics.MetricsLog(output_dir, start)
+  summary = {"start_step": start, "total_steps": total_steps, "data": report.as_dict()}
+  if start == 0 and eval_batches:  # the student before tuning: the baseline of eval_loss
+    summary["initial_eval_loss"] = evaluate(eval_step, params, eval_batches, mesh)
+    log.write(0, eval_loss=summary["initial_eval_loss"])
+  try:
+    if start < total_steps:
+      summary.update(_loop(config, params, opt_state, start, total_steps, plan, train_step, eval_step,
+                           eval_batches, schedule, mesh, manager, log))
+      params = summary.pop("params")
+    manager.wait()
+  finally:
+    manager.close()
+    log.close()
+  hf_dir = export.export(params, student_path, tokenizer, output_dir / HF_DIR, tied=cfg.tie_word_embeddings,
+                         end_ids=list(fmt.end_ids), export_dtype=config.export_dtype)
+  summary.update(hf_dir=str(hf_dir), wall_seconds=time.perf_counter() - started)
+  logging.info("done: %s", summary)
+  return summary
+
+
+def _initial_state(config, cfg, student_path, mesh, manager, start: int, total_steps: int):
+  """(layout, params, opt_state, optimizer, schedule, param shardings, optimizer-state shardings):
+  the student's weights and a fresh optimizer, or checkpoint `start` when resuming."""
   abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=checkpoints.DTYPES[config.dtype], rngs=nnx.Rngs(0)))
   use_expert_parallelism(abstract, mesh)
   layout, shapes = steps.ParamLayout.of(abstract)
@@ -134,34 +174,14 @@ def train(config) -> dict:
   if start:
     params, opt_state, progress = manager.restore(
         start, checkpointing.abstract_like(shapes, shardings), checkpointing.abstract_like(opt_shapes, opt_shardings))
-    if progress.get("data_position") != start * accumulation:
-      raise CoditError(f"checkpoint {start} in {output_dir / CHECKPOINT_DIR} records data position "
-                       f"{progress.get('data_position')}, not {start * accumulation}: it was written by another run.")
-    logging.info("resuming from step %d of %d (checkpoint in %s).", start, total_steps, output_dir / CHECKPOINT_DIR)
+    position = start * config.grad_accumulation
+    if progress.get("data_position") != position:
+      raise CoditError(f"checkpoint {start} records data position {progress.get('data_position')}, not "
+                       f"{position}: it was written by another run. Choose another output_dir.")
   else:
     _, params = steps.ParamLayout.of(checkpoints.load_model(student_path, config.dtype, mesh, config.fsdp))
     opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-
-  train_step = steps.make_train_step(layout, tx, config.compute_dtype, shardings, opt_shardings)
-  eval_step = steps.make_eval_step(layout, config.compute_dtype)
-  eval_batches = data.eval_batches(eval_set, config.batch_size, config.max_length, config.packing)
-  log = metrics.MetricsLog(output_dir, start)
-  summary = {"start_step": start, "total_steps": total_steps, "data": report.as_dict()}
-  if start == 0 and eval_batches:  # the student before tuning: the baseline of eval_loss
-    summary["initial_eval_loss"] = evaluate(eval_step, params, eval_batches, mesh)
-    log.write(0, eval_loss=summary["initial_eval_loss"])
-  if start < total_steps:
-    summary.update(_loop(config, params, opt_state, start, total_steps, plan, train_step, eval_step, eval_batches,
-                         schedule, mesh, manager, log))
-    params = summary.pop("params")
-  manager.wait()
-  manager.close()
-  log.close()
-  hf_dir = export.export(params, student_path, tokenizer, output_dir / HF_DIR, tied=cfg.tie_word_embeddings,
-                         end_ids=list(fmt.end_ids), export_dtype=config.export_dtype)
-  summary.update(hf_dir=str(hf_dir), wall_seconds=time.perf_counter() - started)
-  logging.info("done: %s", summary)
-  return summary
+  return layout, params, opt_state, tx, schedule, shardings, opt_shardings
 
 
 def _loop(config, params, opt_state, start, total_steps, plan, train_step, eval_step, eval_batches, schedule,
