@@ -31,6 +31,7 @@ def get_config() -> config_dict.ConfigDict:
   config.max_length = 2048  # tokens per row (prompt + response + end token)
   config.packing = True  # several examples per row, each attending only to itself
   config.eval_fraction = 0.02  # held out (seeded) for eval_loss
+  config.eval_datasets = ""  # instead: a fixed eval set (same formats), to compare students tuned on other data
   config.seed = 0  # eval split and per-epoch shuffle
 
   # Schedule.

@@ -172,9 +172,11 @@ def test_hf_export_loads_in_transformers_with_the_tuned_logits(trained, tmp_path
   else:  # a short run, one epoch in bfloat16 compute: tied embeddings must stay tied
     settings = dict(student=_student(family), datasets=_write_jsonl(tmp_path / "d.jsonl", _records(8)),
                     output_dir=str(tmp_path / "out"), max_steps=0, epochs=1, batch_size=2, max_length=160,
-                    learning_rate=5e-3, eval_fraction=0.0, drop_unfinished=False, compute_dtype="bfloat16")
+                    learning_rate=5e-3, eval_fraction=0.0, drop_unfinished=False, compute_dtype="bfloat16",
+                    eval_datasets=_write_jsonl(tmp_path / "eval.jsonl", _records(3, seed=7)))
     summary = trainer.train(_config(**settings))
     assert summary["total_steps"] == 4 and np.isfinite(summary["final_loss"])  # 8 examples, one per row
+    assert summary["data"]["kept"] == 8 and summary["eval_loss"] < summary["initial_eval_loss"]
   out = Path(settings["output_dir"])
   hf = out / "hf"
   params = _final_params(out)

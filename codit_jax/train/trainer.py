@@ -73,6 +73,11 @@ def prepare_data(config, fmt: data.ChatFormat, report: data.DataReport):
   if not tokenized:
     raise CoditError(f"no training examples are left of {report.read} read (dropped: {dict(report.dropped)}). "
                      "Check the filters (drop_repetitive, drop_unfinished) and max_length.")
+  if config.eval_datasets:  # one fixed eval set, so that students tuned on different data compare
+    eval_examples = data.read_datasets(config.eval_datasets, drop_repetitive=config.drop_repetitive,
+                                       drop_unfinished=config.drop_unfinished)
+    eval_set = [t for e in eval_examples if (t := data.tokenize(fmt, e, config.max_length)) is not None]
+    return tokenized, eval_set
   train_ids, eval_ids = data.split_eval(len(tokenized), config.eval_fraction, config.seed)
   return [tokenized[i] for i in train_ids], [tokenized[i] for i in eval_ids]
 
