@@ -79,8 +79,3 @@ def param_sharding(path: str, shape: Sequence[int], mesh: Mesh, fsdp: bool = Fal
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
   """Leading (batch) dimension over 'data', the rest replicated."""
   return NamedSharding(mesh, fit_spec((DATA,), shape, mesh))
-
-
-def cache_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
-  """KV cache (batch, kv_heads, slots, head_dim): batch over 'data', heads over 'model'."""
-  return NamedSharding(mesh, fit_spec((DATA, MODEL, None, None), shape, mesh))

@@ -152,9 +152,11 @@ class DatasetWriter:
     if missing:
       raise CoditError(f"{self.output_dir}: shards {missing[:10]} are missing; rerun the same command to "
                        "write them.")
-    for name in tf.io.gfile.listdir(self.output_dir):  # leftovers of killed writes
-      if ".tmp-" in name:
-        tf.io.gfile.remove(self._path(name))
+    folders = [self.output_dir] + ([self._path(JSONL_DIR)] if self.write_jsonl else [])
+    for folder in folders:  # leftovers of writes that were killed
+      for name in tf.io.gfile.listdir(folder):
+        if ".tmp-" in name:
+          tf.io.gfile.remove(os.path.join(folder, name))
     shard_lengths = [_count_records(self._path(shard_name(i))) for i in range(num_shards)]
     split = tfds.core.SplitInfo(
         name=SPLIT, shard_lengths=shard_lengths,
