@@ -100,7 +100,8 @@ def test_cached_decode_equals_full_forward(family):
   split = 40
   logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
                                                      jnp.asarray(mask[:, :split]), PROMPT_LEN + 8)
-  assert cache.keys[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, PROMPT_LEN + 8, tiny_checkpoints.HEAD_DIM)
+  assert cache.keys[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, tiny_checkpoints.HEAD_DIM, PROMPT_LEN + 8)
+  assert cache.values[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, PROMPT_LEN + 8, tiny_checkpoints.HEAD_DIM)
   full = _jax_logits(family)
   np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=TOL, rtol=0)
   step = jax.jit(decode_step, donate_argnums=2)

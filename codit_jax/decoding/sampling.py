@@ -45,13 +45,27 @@ def filter_top_p(score, top_p: float):
   return jnp.where(keep, score, -jnp.inf)
 
 
+def argmax_first(score):
+  """(b,) index of each row's highest score, the first one on ties: jnp.argmax's answer.
+
+  A max and then a min over the indices that reach it: two plain reductions,
+  which XLA:CPU vectorizes, where jnp.argmax's paired (value, index) reduction
+  ran ~10x slower over a vocabulary-sized row (200 us of a 2.5 ms decode step).
+  """
+  vocab = score.shape[-1]
+  best = jnp.max(score, axis=-1, keepdims=True)
+  return jnp.min(jnp.where(score == best, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
 def sample(score, keys, temperature: float, top_p: float = 1.0, top_k: int = 0):
   """Next tokens (b,) from float32 scores (b, vocab). temperature == 0 is greedy (argmax)."""
   if temperature == 0:
-    return jnp.argmax(score, axis=-1).astype(jnp.int32)
+    return argmax_first(score)
   score = score / temperature
   if top_k:
     score = filter_top_k(score, top_k)
   if top_p < 1.0:
     score = filter_top_p(score, top_p)
-  return jax.vmap(jax.random.categorical)(keys, score).astype(jnp.int32)
+  # The Gumbel-max draw of jax.random.categorical, row by row with each example's key.
+  gumbel = jax.vmap(lambda key: jax.random.gumbel(key, score.shape[-1:], score.dtype))(keys)
+  return argmax_first(score + gumbel)

@@ -100,11 +100,14 @@ class Attention(nnx.Module):
     """x: (b, s, hidden); mask: (b, s, keys) bool. Returns (output, (keys, values)).
 
     Without a cache the keys/values are this sequence's; with a cache
-    (k, v of shape (b, kv_heads, max_len, head_dim)) the new entries are
-    written at `cache_index` and attention reads the whole cache. Keys and
-    values are kept heads-major so that both attention matmuls read the cache
-    in its stored layout: with (b, max_len, heads, d), XLA transposes the whole
-    cache at every decode step.
+    (keys (b, kv_heads, head_dim, max_len), values (b, kv_heads, max_len,
+    head_dim)) the new entries are written at `cache_index` and attention reads
+    the whole cache. Both are heads-major so that attention reads the cache in
+    its stored layout (with (b, max_len, heads, d), XLA transposes the whole
+    cache at every decode step), and keys are stored transposed so that the
+    scores of a decode step reduce over a leading axis and write the long key
+    axis contiguously: on XLA:CPU that step is ~5x faster than reducing over
+    head_dim, the innermost axis.
     """
     cfg = self.cfg
     b, s, _ = x.shape
@@ -119,24 +122,24 @@ class Attention(nnx.Module):
     inv_freq, rope_scale = cfg.rope_for(self.layer_type)
     cos, sin = rotary_cos_sin(positions, inv_freq, rope_scale, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (b, kv_heads, s, d)
+    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv_heads, d, s), (b, kv_heads, s, d)
     if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, cache_index, 0))
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, 0, cache_index))
       v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, cache_index, 0))
     out = attend(q, k, v, mask, cfg.query_scale, cfg.attn_logit_softcap)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 
 def attend(q, k, v, mask, scale, softcap):
-  """Grouped-query attention with float32 scores and softmax. q: (b,s,h,d); k,v: (b,kv,t,d)."""
+  """Grouped-query attention with float32 scores and softmax. q: (b,s,h,d); k: (b,kv,d,t); v: (b,kv,t,d)."""
   b, s, h, d = q.shape
   kv_heads = k.shape[1]
   q = q.reshape(b, s, kv_heads, h // kv_heads, d)
   if s == 1:  # a decode step: products and sums beat many tiny batched matmuls on CPU, same math
-    scores = jnp.sum(q[:, 0, :, :, None].astype(jnp.float32) * k[:, :, None].astype(jnp.float32), axis=-1)
+    scores = jnp.sum(q[:, 0, :, :, :, None].astype(jnp.float32) * k[:, :, None].astype(jnp.float32), axis=-2)
     scores = scores[:, :, :, None] * scale
   else:
-    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bskgd,bkdt->bkgst", q, k, preferred_element_type=jnp.float32) * scale
   if softcap:
     scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
@@ -339,7 +342,8 @@ def positions_from_mask(attention_mask):
 class KVCache(NamedTuple):
   """Static-shape cache of every layer's keys/values for a batch.
 
-  keys/values: per layer (b, kv_heads, max_len, head_dim). key_valid: (b, max_len)
+  keys: per layer (b, kv_heads, head_dim, max_len) (transposed: see
+  Attention); values: per layer (b, kv_heads, max_len, head_dim). key_valid: (b, max_len)
   marks slots that hold real tokens (left padding stays False). next_position:
   (b,) rope position of each row's next token. index: the slot the next token
   is written to, shared by all rows because the batch is left-padded.
@@ -372,10 +376,9 @@ def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=No
     raise ValueError(f"prompt length {s} exceeds the cache length {max_len}")
   hidden, kv = _forward_hidden(model, tokens, attention_mask)
   logits = model.logits(hidden[:, -1])
-  pad = ((0, 0), (0, 0), (0, max_len - s), (0, 0))
   dtype = cache_dtype or hidden.dtype
-  keys = tuple(jnp.pad(k.astype(dtype), pad) for k, _ in kv)
-  values = tuple(jnp.pad(v.astype(dtype), pad) for _, v in kv)
+  keys = tuple(jnp.pad(k.astype(dtype), ((0, 0), (0, 0), (0, 0), (0, max_len - s))) for k, _ in kv)
+  values = tuple(jnp.pad(v.astype(dtype), ((0, 0), (0, 0), (0, max_len - s), (0, 0))) for _, v in kv)
   key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
   next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
   return logits, KVCache(keys, values, key_valid, next_position, jnp.asarray(s, jnp.int32))
