@@ -15,6 +15,14 @@ after one warm-up call, best of --repeats. The engine's first-call time
 (compilation included) is printed too. Greedy tokens of the engine and
 PyTorch are compared. Prints a table and the ratios; --record appends them to
 bench/RESULTS.md with the machine and date.
+
+Memory-bandwidth roofline: a decode step of batch-16 decoding is bound by
+reading memory. Each run is also timed with one new token (the prefill alone);
+(end to end - prefill) / (new_tokens - 1) is the time of a decode step, and
+the bytes a step must read (every weight once, the input embedding table
+aside, and the keys/values of the tokens so far, averaged over the run) over
+that time is the bandwidth it reaches, shown against the machine's streaming
+read bandwidth measured here (a jitted sum over a 512 MiB array).
 """
 
 from __future__ import annotations
@@ -102,12 +110,15 @@ def main():
     pre = checkpoints.load_model(pre_path, args.dtype)
     engine_tokens = {}
     for mode in ("codit", "direct"):
-      settings = DecodeSettings(vocab_size=args.vocab, end_ids=never, mode=mode, temperature=0.0,
-                                max_new_tokens=args.new_tokens)
-      engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len)
-      first, best, out = timed(lambda: engine.generate(examples), args.repeats)  # pylint: disable=cell-var-from-loop
-      engine_tokens[mode] = [c.tokens for c in out]
-      rows.append((f"engine {mode}", first, best))
+      times = []
+      for new_tokens in (args.new_tokens, 1):
+        settings = DecodeSettings(vocab_size=args.vocab, end_ids=never, mode=mode, temperature=0.0,
+                                  max_new_tokens=new_tokens)
+        engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len)
+        first, best, out = timed(lambda: engine.generate(examples), args.repeats)  # pylint: disable=cell-var-from-loop
+        times.append((first, best))
+        engine_tokens.setdefault(mode, [c.tokens for c in out])
+      rows.append((f"engine {mode}", *times[0], times[1][1]))
     match = None
     if not args.skip_torch:
       import torch  # pylint: disable=g-import-not-at-top
@@ -118,19 +129,28 @@ def main():
       models = [transformers.AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).eval()
                 for p in (post_path, pre_path)]
       prompts = [ids for _, ids in examples]
-      call = lambda: torch_reference.generate(*models, prompts, end_ids=never, vocab_size=args.vocab,  # noqa: E731
-                                              max_new_tokens=args.new_tokens)
-      first, best, out = timed(call, max(1, args.repeats - 1))
-      rows.append(("pytorch codit", first, best))
+      call = lambda n: torch_reference.generate(*models, prompts, end_ids=never, vocab_size=args.vocab,  # noqa: E731
+                                                max_new_tokens=n)
+      first, best, out = timed(lambda: call(args.new_tokens), max(1, args.repeats - 1))
+      _, prefill_only, _ = timed(lambda: call(1), max(1, args.repeats - 1))
+      rows.append(("pytorch codit", first, best, prefill_only))
       match = np.mean([a == r[0] for a, r in zip(engine_tokens["codit"], out)])
 
-  times = {name: best for name, _, best in rows}
+  bandwidth = streaming_bandwidth(jax)
+  times = {name: best for name, _, best, _ in rows}
   lines = [f"decode benchmark, {datetime.date.today()}, {machine(jax)}",
            f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
            f"intermediate={args.intermediate} vocab={args.vocab} ({parameters(args) / 1e6:.1f}M parameters "
            f"each), {args.dtype}; batch {args.batch}, prompt {args.prompt_len}, new tokens {args.new_tokens}",
-           "", "| run | first call s (compile incl.) | best s | tokens/s |", "|---|---|---|---|"]
-  lines += [f"| {name} | {first:.2f} | {best:.3f} | {generated / best:.0f} |" for name, first, best in rows]
+           f"streaming read bandwidth of this machine (jnp.sum over 512 MiB): {bandwidth / 1e9:.1f} GB/s",
+           "", "| run | first call s (compile incl.) | best s | tokens/s | prefill s | decode ms/step "
+           "| MB read/step | GB/s | of streaming |", "|---|---|---|---|---|---|---|---|---|"]
+  for name, first, best, prefill_only in rows:
+    step = (best - prefill_only) / max(1, args.new_tokens - 1)
+    step_bytes = bytes_per_step(args) * (1 if "direct" in name else 2)
+    lines.append(f"| {name} | {first:.2f} | {best:.3f} | {generated / best:.0f} | {prefill_only:.3f} | "
+                 f"{step * 1e3:.2f} | {step_bytes / 1e6:.1f} | {step_bytes / step / 1e9:.1f} | "
+                 f"{step_bytes / step / bandwidth:.0%} |")
   lines.append("")
   lines.append(f"- CoDIT cost over direct (engine): {times['engine codit'] / times['engine direct']:.2f}x")
   if "pytorch codit" in times:
@@ -148,6 +168,30 @@ def parameters(args) -> int:
   d = args.hidden // args.heads
   attention = args.hidden * d * (2 * args.heads + 2 * args.kv_heads)
   return args.layers * (attention + 3 * args.hidden * args.intermediate) + 2 * args.vocab * args.hidden
+
+
+def bytes_per_step(args) -> int:
+  """What one decode step of one model must read: its weights once (the input embedding table
+  aside: a step gathers batch rows of it) and the keys/values of the tokens so far, averaged over the run."""
+  itemsize = 4 if args.dtype == "float32" else 2
+  weights = parameters(args) - args.vocab * args.hidden
+  mean_length = args.prompt_len + args.new_tokens / 2
+  kv = args.layers * 2 * args.batch * args.kv_heads * (args.hidden // args.heads) * mean_length
+  return int((weights + kv) * itemsize)
+
+
+def streaming_bandwidth(jax) -> float:
+  """Bytes per second a jitted sum reads from a 512 MiB float32 array (best of 5)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  data = jnp.ones((128 * 2**20,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  total(data).block_until_ready()
+  best = float("inf")
+  for _ in range(5):
+    started = time.perf_counter()
+    total(data).block_until_ready()
+    best = min(best, time.perf_counter() - started)
+  return data.nbytes / best
 
 
 def machine(jax) -> str:
