@@ -8,6 +8,8 @@ with save_pretrained, loaded by both sides from the same files). Every
 prompt is decoded greedily to exactly --new_tokens tokens (no end token), by
   - the engine, CoDIT mode (both models in one jitted loop),
   - the engine, direct mode (post-trained model alone),
+  - with --pair_parallel, the engine in CoDIT mode with each model on its own
+    device, both stepping at once (on CPU: two host devices, one per core),
   - torch_reference.generate: transformers' PyTorch models with KV caches, a
     left-padded batch, the CoDIT rule per step in eager PyTorch.
 Times are end to end per call (prefill, decode loop, results on the host),
@@ -57,6 +59,8 @@ def parse_args():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--skip_torch", action="store_true", help="accelerator runs: engine only")
+  parser.add_argument("--pair_parallel", action="store_true",
+                      help="also time CoDIT with the two models on two devices at once (CPU: 2 host devices)")
   parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
   return parser.parse_args()
 
@@ -95,7 +99,11 @@ def timed(fn, repeats: int) -> tuple[float, float, object]:
 
 def main():
   args = parse_args()
+  if args.pair_parallel and "device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # On CPU, two host devices (ignored by other platforms); set before jax starts.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
   import jax  # pylint: disable=g-import-not-at-top
+  from codit_jax import parallel  # pylint: disable=g-import-not-at-top
   from codit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from codit_jax.decoding.engine import DecodeSettings, Engine  # pylint: disable=g-import-not-at-top
 
@@ -108,17 +116,22 @@ def main():
     post_path, pre_path = build_pair(args, Path(tmp))
     post = checkpoints.load_model(post_path, args.dtype)
     pre = checkpoints.load_model(pre_path, args.dtype)
+    runs = {"codit": (post, pre, None), "direct": (post, pre, None)}
+    if args.pair_parallel:
+      mesh = parallel.make_mesh(devices=jax.devices()[:2], pair_parallel=True)
+      runs["codit, pair-parallel"] = (checkpoints.load_pair(post_path, pre_path, mesh, args.dtype), None, mesh)
     engine_tokens = {}
-    for mode in ("codit", "direct"):
+    for name, (first_model, second_model, mesh) in runs.items():
       times = []
       for new_tokens in (args.new_tokens, 1):
-        settings = DecodeSettings(vocab_size=args.vocab, end_ids=never, mode=mode, temperature=0.0,
-                                  max_new_tokens=new_tokens)
-        engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len)
+        settings = DecodeSettings(vocab_size=args.vocab, end_ids=never, mode=name.split(",")[0], temperature=0.0,
+                                  max_new_tokens=new_tokens, pair_parallel=mesh is not None)
+        engine = Engine(first_model, second_model, settings, batch_size=args.batch, max_prompt_len=args.prompt_len,
+                        mesh=mesh)
         first, best, out = timed(lambda: engine.generate(examples), args.repeats)  # pylint: disable=cell-var-from-loop
         times.append((first, best))
-        engine_tokens.setdefault(mode, [c.tokens for c in out])
-      rows.append((f"engine {mode}", *times[0], times[1][1]))
+        engine_tokens.setdefault(name, [c.tokens for c in out])
+      rows.append((f"engine {name}", *times[0], times[1][1]))
     match = None
     if not args.skip_torch:
       import torch  # pylint: disable=g-import-not-at-top
@@ -156,6 +169,13 @@ def main():
   if "pytorch codit" in times:
     lines.append(f"- engine CoDIT speed-up over PyTorch CoDIT: {times['pytorch codit'] / times['engine codit']:.2f}x")
     lines.append(f"- greedy CoDIT rows with identical tokens (engine vs PyTorch): {match:.0%}")
+  if args.pair_parallel:
+    pair_time = times["engine codit, pair-parallel"]
+    lines.append(f"- pair-parallel CoDIT: {times['engine codit'] / pair_time:.2f}x the one-device engine, "
+                 f"{pair_time / times['engine direct']:.2f}x direct's time"
+                 + (f", {times['pytorch codit'] / pair_time:.2f}x PyTorch" if "pytorch codit" in times else "")
+                 + f"; same greedy tokens as the one-device engine: "
+                 f"{engine_tokens['codit, pair-parallel'] == engine_tokens['codit']}")
   text = "\n".join(lines)
   print(text)
   if args.record:

@@ -9,6 +9,7 @@ target dtype happens per slice.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
@@ -196,15 +197,66 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Me
 
 
 def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp):
-  np_dtype = np.dtype(dtype)
-  if _is_stacked_experts(path_parts):
-    read = _experts_reader(tensors, path_parts, shape, prefixes, np_dtype)
-  else:
-    read = _tensor_reader(tensors, path_parts, shape, prefixes, np_dtype)
+  read = _param_reader(tensors, path_parts, shape, prefixes, np.dtype(dtype))
   if mesh is None:
     return jnp.asarray(read(()))
   sharding = parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
   return jax.make_array_from_callback(shape, sharding, read)
+
+
+def _param_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, np_dtype):
+  if _is_stacked_experts(path_parts):
+    return _experts_reader(tensors, path_parts, shape, prefixes, np_dtype)
+  return _tensor_reader(tensors, path_parts, shape, prefixes, np_dtype)
+
+
+# Config fields two checkpoints of a pair may differ in and still share one program:
+# the context length only bounds the prompts (a pair's instruct model is often
+# trained longer than its base, e.g. Qwen3-8B 40960 against Qwen3-8B-Base 32768).
+_PAIR_FREE_FIELDS = ("max_position_embeddings",)
+
+
+def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.PathLike, mesh: Mesh,
+              dtype: str = "float32") -> Decoder:
+  """Both models of a CoDIT pair as one Decoder whose every parameter is (2, *shape): [0] the
+  post-trained model's, [1] the pre-trained one's, split over `mesh`'s 'pair' axis (see
+  parallel.make_mesh(pair_parallel=True)); the engine then runs the two at the same time,
+  one per half of the devices. The two must have the same architecture and shapes."""
+  if dtype not in DTYPES:
+    raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  if parallel.PAIR not in mesh.shape:
+    raise CheckpointError("load_pair needs a mesh with a 'pair' axis: parallel.make_mesh(..., pair_parallel=True).")
+  paths = [resolve(str(name)) for name in (post_name_or_path, pre_name_or_path)]
+  cfg, pre_cfg = (load_config(path)[1] for path in paths)
+  differing = [f.name for f in dataclasses.fields(cfg)
+               if f.name not in _PAIR_FREE_FIELDS and getattr(cfg, f.name) != getattr(pre_cfg, f.name)]
+  if differing:
+    raise CheckpointError(
+        f"{paths[0]} and {paths[1]} differ in {', '.join(differing)}: pair_parallel stacks the two models "
+        "into one program and needs the same architecture and shapes. Turn pair_parallel off for this pair.")
+  if cfg.moe_layers:
+    raise CheckpointError(f"{paths[0]} has mixture-of-experts layers, which pair_parallel does not support "
+                          "(experts are split over 'model' instead): turn pair_parallel off.")
+  folders = [SafetensorsFolder(path) for path in paths]
+  prefixes = [weight_prefixes(tensors) for tensors in folders]
+  for tensors, found in zip(folders, prefixes):
+    if found is None:
+      raise CheckpointError(f"{tensors.source} has no embedding tensor: this is not a checkpoint of a "
+                            "supported decoder, or it is incomplete.")
+  np_dtype = np.dtype(DTYPES[dtype])
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  for path_parts, variable in state.flat_state():
+    shape = tuple(variable.get_value().shape)
+    readers = [_param_reader(t, path_parts, shape, p, np_dtype) for t, p in zip(folders, prefixes)]
+
+    def read(index, readers=readers, ndim=len(shape) + 1):
+      index = _full_index(index, ndim)
+      return np.stack([readers[which](index[1:]) for which in range(2)[index[0]]])
+
+    sharding = parallel.pair_param_sharding(".".join(map(str, path_parts)), shape, mesh)
+    variable.set_value(jax.make_array_from_callback((2, *shape), sharding, read))
+  return nnx.merge(graphdef, state)
 
 
 def _full_index(index: tuple, ndim: int) -> tuple:

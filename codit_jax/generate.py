@@ -83,6 +83,9 @@ def validate(config) -> None:
                      "--config.prompts=seed.jsonl --config.output_dir=out.")
   if config.batch_size < 1:
     raise CoditError(f"batch_size must be at least 1; got {config.batch_size}.")
+  if config.get("pair_parallel") and config.mode != "codit":
+    raise CoditError("pair_parallel splits the devices between the two models of a CoDIT pair; "
+                     f"mode {config.mode!r} runs one model: set pair_parallel=False.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,13 +207,17 @@ def generate(config, force: bool = False) -> dict:
                len(batches) - len(todo), len(todo))
 
   if todo:
-    mesh = parallel.make_mesh(config.model_parallelism)
-    post = checkpoints.load_model(post_path, config.dtype, mesh)
-    pre = checkpoints.load_model(pre_path, config.dtype, mesh) if codit else None
+    pair_parallel = bool(config.get("pair_parallel"))
+    mesh = parallel.make_mesh(config.model_parallelism, pair_parallel=pair_parallel)
+    if pair_parallel:  # both models stacked, one per half of the devices
+      post, pre = checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None
+    else:
+      post = checkpoints.load_model(post_path, config.dtype, mesh)
+      pre = checkpoints.load_model(pre_path, config.dtype, mesh) if codit else None
     decode_settings = engine_lib.DecodeSettings(
         vocab_size=vocab_size, end_ids=end_ids, mode=config.mode, alpha=config.alpha, beta=config.beta,
         temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        max_new_tokens=config.max_new_tokens)
+        max_new_tokens=config.max_new_tokens, pair_parallel=pair_parallel)
     engine = engine_lib.Engine(post, pre, decode_settings, batch_size=config.batch_size,
                                max_prompt_len=max_prompt_len, seed=config.seed, mesh=mesh,
                                min_bucket=config.min_bucket)

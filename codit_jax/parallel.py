@@ -5,6 +5,12 @@ One mesh with two axes: 'data' splits the batch (what pmap would give) and
 experts of mixture-of-experts layers (expert parallelism). Parameters get
 their PartitionSpec from their name, like logical-axis rules; a dimension that
 the mesh axis does not divide stays replicated rather than failing.
+
+With pair parallelism a third, leading axis 'pair' of size 2 puts the
+post-trained model on one half of the devices and the pre-trained model on the
+other (their weights stacked on a leading axis that 'pair' splits), so the two
+models of a CoDIT pair run at the same time; 'data' and 'model' then split
+each half.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from codit_jax.errors import CoditError
 
-DATA, MODEL = "data", "model"
+DATA, MODEL, PAIR = "data", "model", "pair"
 
 # (pattern on the dotted parameter path, spec). First match wins. Kernels are
 # stored (in, out): column-parallel layers split `out`, row-parallel split `in`.
@@ -36,14 +42,20 @@ PARAM_RULES: tuple[tuple[str, tuple], ...] = (
 )
 
 
-def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ('data', 'model') mesh over all (or the given) devices."""
+def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None = None,
+              pair_parallel: bool = False) -> Mesh:
+  """A ('data', 'model') mesh over all (or the given) devices; ('pair', 'data', 'model') with pair_parallel."""
   devices = list(devices if devices is not None else jax.devices())
-  if len(devices) % model_parallelism:
-    raise CoditError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallelism}: "
-                     "set model_parallelism to a divisor of the device count.")
+  pairs = 2 if pair_parallel else 1
+  if len(devices) % (pairs * model_parallelism):
+    what = "two halves (pair_parallel) of " if pair_parallel else ""
+    raise CoditError(f"{len(devices)} devices cannot be split into {what}model-parallel groups of "
+                     f"{model_parallelism}: set model_parallelism to a divisor of the device count"
+                     f"{' / 2' if pair_parallel else ''}.")
   grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
-  return Mesh(grid, (DATA, MODEL))
+  if not pair_parallel:
+    return Mesh(grid, (DATA, MODEL))
+  return Mesh(grid.reshape(2, -1, model_parallelism), (PAIR, DATA, MODEL))
 
 
 def fit_spec(spec: Sequence, shape: Sequence[int], mesh: Mesh) -> P:
@@ -74,6 +86,11 @@ def param_spec(path: str, shape: Sequence[int], mesh: Mesh, fsdp: bool = False) 
 
 def param_sharding(path: str, shape: Sequence[int], mesh: Mesh, fsdp: bool = False) -> NamedSharding:
   return NamedSharding(mesh, param_spec(path, shape, mesh, fsdp))
+
+
+def pair_param_sharding(path: str, shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+  """Sharding of a parameter of both models stacked (2, *shape): one model per half of the 'pair' axis."""
+  return NamedSharding(mesh, P(PAIR, *param_spec(path, shape, mesh)))
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:

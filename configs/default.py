@@ -45,6 +45,9 @@ def get_config() -> config_dict.ConfigDict:
   config.dtype = "bfloat16"  # 'bfloat16' | 'float32'
   config.batch_size = 32  # global, over all processes
   config.model_parallelism = 1  # devices per model replica (the 'model' mesh axis)
+  # CoDIT only: the post-trained model on one half of the devices, the pre-trained on the
+  # other, both stepping at once (needs an even device count and a pair of equal shapes).
+  config.pair_parallel = False
   config.min_bucket = 64  # smallest prompt-length bucket; buckets double up to max_prompt_len
   config.compilation_cache_dir = "~/.cache/codit_jax/xla"  # '' turns JAX's persistent cache off
 

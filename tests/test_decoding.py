@@ -163,6 +163,51 @@ def test_greedy_one_device_equals_eight():
   assert [c.tokens for c in single] == [c.tokens for c in sharded]
 
 
+@functools.lru_cache(maxsize=None)
+def _same_shape_pair(family):
+  """A pair whose embeddings are padded alike (make_pair pads them differently), as pair_parallel needs."""
+  directory = tempfile.mkdtemp(prefix=f"same-shape-{family}-")
+  return tuple(tiny_checkpoints.make_checkpoint(f"{directory}/{name}", family, seed=seed, pre_trained=name == "pre")
+               for name, seed in (("post", 0), ("pre", 1)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_pair_parallel_equals_one_model_after_the_other(family):
+  """Each model on its own half of 8 devices (pair 2 x data 2 x model 2), both at once: the same tokens
+  and log-probs as the two models run in turn on one device, greedy and sampled."""
+  post_path, pre_path = _same_shape_pair(family)
+  post, pre = (checkpoints.load_model(p) for p in (post_path, pre_path))
+  mesh = parallel.make_mesh(model_parallelism=2, pair_parallel=True)
+  assert dict(mesh.shape) == {"pair": 2, "data": 2, "model": 2}
+  pair = checkpoints.load_pair(post_path, pre_path, mesh)
+  assert pair.layers[0].mlp.up_proj.kernel[...].sharding.spec[0] == "pair"
+  examples = _prompts(6)
+  for sampling_kw in (dict(), dict(temperature=1.0, top_p=0.9)):
+    in_turn = Engine(post, pre, _settings(**sampling_kw), batch_size=4, max_prompt_len=64, seed=3).generate(examples)
+    side_by_side = Engine(pair, None, _settings(pair_parallel=True, **sampling_kw), batch_size=4, max_prompt_len=64,
+                          seed=3, mesh=mesh).generate(examples)
+    for a, b in zip(in_turn, side_by_side):
+      assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+      np.testing.assert_allclose(b.post_logprobs, a.post_logprobs, atol=1e-5, rtol=0)
+      np.testing.assert_allclose(b.pre_logprobs, a.pre_logprobs, atol=1e-5, rtol=0)
+
+
+def test_pair_parallel_refusals():
+  mesh = parallel.make_mesh(pair_parallel=True)
+  post_path, pre_path = _pair("llama")  # embeddings padded to different sizes
+  with pytest.raises(CoditError, match="differ in vocab_size.*pair_parallel"):
+    checkpoints.load_pair(post_path, pre_path, mesh)
+  with pytest.raises(CoditError, match="'pair' axis"):
+    checkpoints.load_pair(*_same_shape_pair("llama"), parallel.make_mesh())
+  with pytest.raises(CoditError, match="two halves"):
+    parallel.make_mesh(model_parallelism=8, pair_parallel=True)
+  with pytest.raises(CoditError, match="needs mode 'codit'"):
+    _settings(mode="direct", pair_parallel=True)
+  pair = checkpoints.load_pair(*_same_shape_pair("llama"), mesh)
+  with pytest.raises(CoditError, match="stacked pair"):
+    Engine(pair, pair, _settings(pair_parallel=True), batch_size=4, max_prompt_len=64, mesh=mesh)
+
+
 def test_compiled_programs_bounded_by_buckets():
   post, pre, _ = _jax_pair("llama")
   settings = _settings(max_new_tokens=3)

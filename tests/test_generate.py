@@ -116,6 +116,23 @@ def test_greedy_dataset_equals_torch_reference_and_reads_back(tmp_path):
   assert {"instruction", "output", "is_completed", "logprobs", "generation_config"} <= set(lines[0])
 
 
+def test_pair_parallel_writes_the_same_dataset(tmp_path):
+  """pair_parallel (each model on half of the 8 devices) changes speed, not the data: same rows as one model after the other."""
+  post, pre = (tiny_checkpoints.make_checkpoint(tmp_path / name, "llama", seed=seed, pre_trained=name == "pre")
+               for name, seed in (("post", 0), ("pre", 1)))  # embeddings padded alike, as pair_parallel needs
+  prompts_file = str(_write_prompts(tmp_path / "seed.jsonl", 6))
+  datasets = []
+  for pair_parallel in (False, True):
+    settings = _overrides(tmp_path, prompts=prompts_file, post_trained=post, pre_trained=pre, temperature=1.0,
+                          top_p=0.9, pair_parallel=pair_parallel, output_dir=str(tmp_path / f"out-{pair_parallel}"))
+    generate_app.generate(_config(**settings))
+    datasets.append(_records(settings["output_dir"]))
+  assert datasets[0].keys() == datasets[1].keys() and len(datasets[0]) == 6
+  for key, row in datasets[0].items():
+    assert datasets[1][key]["response_tokens"] == row["response_tokens"]
+    np.testing.assert_allclose(datasets[1][key]["pre_logprobs"], row["pre_logprobs"], atol=1e-5)
+
+
 def test_direct_mode_records_no_pre_logprobs(tmp_path):
   settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 3)), mode="direct",
                         pre_trained="")
@@ -234,6 +251,8 @@ def test_truncate_policy_keeps_long_prompts(tmp_path):
     (dict(pre_trained="qwen3"), "disagree"),
     (dict(prompts="/nonexistent/seed.jsonl"), "input file '/nonexistent/seed.jsonl' does not exist"),
     (dict(output_dir=""), "leaves output_dir empty"),
+    (dict(pair_parallel=True), "1 devices cannot be split into two halves"),
+    (dict(pair_parallel=True, mode="direct"), "set pair_parallel=False"),
 ])
 def test_user_errors_exit_nonzero_without_traceback(tmp_path, change, message):
   settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 2)))

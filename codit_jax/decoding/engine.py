@@ -8,6 +8,11 @@ token budget is spent, and the loop exits as soon as every row has stopped.
 The KV caches are created and consumed inside the program, so XLA updates them
 in place; they never cross a jit boundary that would need donating.
 
+With `pair_parallel` the post-trained argument is both models stacked
+(`checkpoints.load_pair`) and each model step is vmapped over the pair with
+the mesh's 'pair' axis as its SPMD axis: each half of the devices runs one
+model, both at once, and only the logits cross between the halves.
+
 `Engine` is the host side: it checks the pair, sorts prompts by length, pads
 each batch to a prompt-length bucket (powers of two from `min_bucket`) and a
 fixed batch size, so a run over prompts of any lengths compiles at most
@@ -25,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+
+from flax import nnx
 
 from codit_jax import parallel
 from codit_jax.decoding import sampling
@@ -48,10 +55,13 @@ class DecodeSettings:
   top_p: float = 1.0
   top_k: int = 0
   max_new_tokens: int = 4096
+  pair_parallel: bool = False  # the models are one stacked Decoder split over the mesh's 'pair' axis
 
   def __post_init__(self):
     if self.mode not in MODES:
       raise CoditError(f"mode {self.mode!r} is not one of {', '.join(MODES)}.")
+    if self.pair_parallel and self.mode != "codit":
+      raise CoditError("pair_parallel runs the two models of a pair side by side: it needs mode 'codit'.")
     if not 0 < self.alpha <= 1:
       raise CoditError(f"alpha must be in (0, 1]; got {self.alpha}.")
     if self.temperature < 0:
@@ -78,9 +88,35 @@ class BatchOutput(NamedTuple):
 class _LoopState(NamedTuple):
   step: jax.Array
   token: jax.Array
-  post_cache: object
-  pre_cache: object
+  caches: object  # (post cache, pre cache), or one stacked cache with pair_parallel
   out: BatchOutput
+
+
+def _over_pair(stacked: Decoder, fn, *stacked_args):
+  """fn(model, *args) for both models of a stacked pair at once: vmapped over the leading
+  (post, pre) axis, which the mesh's 'pair' axis splits, so each half of the devices runs one."""
+  graphdef, state = nnx.split(stacked)
+  return jax.vmap(lambda s, *a: fn(nnx.merge(graphdef, s), *a), spmd_axis_name=parallel.PAIR)(state, *stacked_args)
+
+
+def _prefill_models(post, pre, tokens, mask, max_len: int, settings: DecodeSettings):
+  """(post logits, pre logits or None, caches) after the prompt."""
+  if settings.pair_parallel:
+    logits, caches = _over_pair(post, lambda model: prefill(model, tokens, mask, max_len))
+    return logits[0], logits[1], caches
+  post_logits, post_cache = prefill(post, tokens, mask, max_len)
+  pre_logits, pre_cache = prefill(pre, tokens, mask, max_len) if settings.mode == "codit" else (None, None)
+  return post_logits, pre_logits, (post_cache, pre_cache)
+
+
+def _step_models(post, pre, token, caches, settings: DecodeSettings):
+  """One decode step of the model(s): (post logits, pre logits or None, caches)."""
+  if settings.pair_parallel:
+    logits, caches = _over_pair(post, lambda model, cache: decode_step(model, token, cache), caches)
+    return logits[0], logits[1], caches
+  post_logits, post_cache = decode_step(post, token, caches[0])
+  pre_logits, pre_cache = decode_step(pre, token, caches[1]) if settings.mode == "codit" else (None, None)
+  return post_logits, pre_logits, (post_cache, pre_cache)
 
 
 def _choose(settings: DecodeSettings, post_logits, pre_logits, seed, hashes, step):
@@ -118,9 +154,7 @@ def _generate_batch(post: Decoder, pre: Decoder | None, tokens, mask, active, ha
   n = settings.max_new_tokens
   max_len = prompt_len + n
   end_ids = jnp.asarray(settings.end_ids, jnp.int32)
-  codit = settings.mode == "codit"
-  post_logits, post_cache = prefill(post, tokens, mask, max_len)
-  pre_logits, pre_cache = prefill(pre, tokens, mask, max_len) if codit else (None, None)
+  post_logits, pre_logits, caches = _prefill_models(post, pre, tokens, mask, max_len, settings)
   out = BatchOutput(
       tokens=jnp.zeros((b, n), jnp.int32), num_tokens=jnp.zeros((b,), jnp.int32),
       stopped=~active,  # filler rows of a partial batch start stopped
@@ -133,14 +167,12 @@ def _generate_batch(post: Decoder, pre: Decoder | None, tokens, mask, active, ha
     return (state.step < n) & ~jnp.all(state.out.stopped)
 
   def one_step(state: _LoopState) -> _LoopState:
-    post_logits, post_cache = decode_step(post, state.token, state.post_cache)
-    pre_logits, pre_cache = decode_step(pre, state.token, state.pre_cache) if codit else (None, None)
+    post_logits, pre_logits, caches = _step_models(post, pre, state.token, state.caches, settings)
     token, lp_post, lp_pre = _choose(settings, post_logits, pre_logits, seed, hashes, state.step)
     out = _record(state.out, state.step, token, lp_post, lp_pre, end_ids)
-    return _LoopState(state.step + 1, token, post_cache, pre_cache, out)
+    return _LoopState(state.step + 1, token, caches, out)
 
-  state = jax.lax.while_loop(keep_going, one_step, _LoopState(jnp.asarray(1, jnp.int32), token, post_cache,
-                                                             pre_cache, out))
+  state = jax.lax.while_loop(keep_going, one_step, _LoopState(jnp.asarray(1, jnp.int32), token, caches, out))
   return state.out
 
 
@@ -182,11 +214,18 @@ def check_vocabularies(post_tokenizer, pre_tokenizer, post_source: str = "post_t
 
 
 class Engine:
-  """Generates completions for prompts (already tokenized) with one model (direct) or a pair (CoDIT)."""
+  """Generates completions for prompts (already tokenized) with one model (direct) or a pair (CoDIT).
+
+  With settings.pair_parallel, `post` is the pair from `checkpoints.load_pair` and `pre` is None.
+  """
 
   def __init__(self, post: Decoder, pre: Decoder | None, settings: DecodeSettings, *, batch_size: int,
                max_prompt_len: int, seed: int = 0, mesh: Mesh | None = None, min_bucket: int = 32):
-    if settings.mode == "codit" and pre is None:
+    if settings.pair_parallel:
+      if pre is not None or mesh is None or parallel.PAIR not in mesh.shape:
+        raise CoditError("pair_parallel takes both models as one stacked pair (checkpoints.load_pair) in "
+                         "place of the post-trained model, no pre-trained model, and a mesh with a 'pair' axis.")
+    elif settings.mode == "codit" and pre is None:
       raise CoditError("mode 'codit' needs a pre-trained model; use mode 'direct' for the post-trained one alone.")
     for name, model in (("post_trained", post), ("pre_trained", pre)):
       if model is not None and model.cfg.vocab_size < settings.vocab_size:
