@@ -176,11 +176,18 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("pair_parallel", [False, True])
+def test_two_processes_equal_one(tmp_path, pair_parallel):
+  """Two gloo processes of 2 devices each write the dataset of one process; with pair_parallel
+  process 0 holds the post-trained model and process 1 the pre-trained one."""
   prompts_file = _write_prompts(tmp_path / "seed.jsonl", 11, seed=2)
   common = _overrides(tmp_path, prompts=str(prompts_file), batch_size=4)
+  if pair_parallel:
+    post, pre = (tiny_checkpoints.make_checkpoint(tmp_path / name, "llama", seed=seed, pre_trained=name == "pre")
+                 for name, seed in (("post", 0), ("pre", 1)))
+    common.update(post_trained=post, pre_trained=pre)
   single = dict(common, output_dir=str(tmp_path / "single"))
-  multi = dict(common, output_dir=str(tmp_path / "multi"))
+  multi = dict(common, output_dir=str(tmp_path / "multi"), pair_parallel=pair_parallel)
   one = _cli(_flags(single))
   _, err = one.communicate(timeout=600)
   assert one.returncode == 0, err
@@ -192,6 +199,7 @@ def test_two_processes_equal_one(tmp_path):
     assert run.returncode == 0, err
   shards = sorted(p.name for p in Path(multi["output_dir"]).glob("codit-train.tfrecord-*"))
   assert len(shards) == 2 * 3  # 3 batches of 4 (11 prompts), one shard per process each
+  assert len(list(writer.read_examples(multi["output_dir"]))) == 11  # no row twice
   a, b = _records(single["output_dir"]), _records(multi["output_dir"])
   assert sorted(a) == sorted(b) == sorted(f"p{i}" for i in range(11))
   for key in a:

@@ -277,7 +277,9 @@ class Engine:
     started = time.perf_counter()
     out = generate_batch(self.post, self.pre, *inputs, jnp.asarray(self.seed, jnp.int32), settings=self.settings)
     generated = int(jnp.sum(out.num_tokens))  # a collective in multi-process runs: every process calls it
-    rows = {name: _local_rows(value) for name, value in out._asdict().items() if name != "steps"}
+    # With pair_parallel both halves of the devices hold every row: the post-trained half reports them.
+    reporting = set(self.mesh.devices[0].flat) if self.settings.pair_parallel else None
+    rows = {name: _local_rows(value, reporting) for name, value in out._asdict().items() if name != "steps"}
     self.seconds += time.perf_counter() - started
     self.generated_tokens += generated
     return [self._completion(chunk[row][0], {name: r[row] for name, r in rows.items()})
@@ -306,12 +308,15 @@ class Engine:
     return self.generated_tokens / self.seconds if self.seconds else math.nan
 
 
-def _local_rows(array: jax.Array) -> dict[int, np.ndarray]:
-  """{row index: row} for the rows of a batch-sharded array that live on this process's devices."""
+def _local_rows(array: jax.Array, devices: set | None = None) -> dict[int, np.ndarray]:
+  """{row index: row} for the rows of a batch-sharded array that live on this process's devices
+  (only those among `devices`, if given)."""
   if array.is_fully_addressable:
     return dict(enumerate(np.asarray(array)))
   rows = {}
   for shard in array.addressable_shards:
+    if devices is not None and shard.device not in devices:
+      continue
     start = shard.index[0].start or 0 if shard.index else 0
     rows.update((start + i, row) for i, row in enumerate(np.asarray(shard.data)))
   return rows
