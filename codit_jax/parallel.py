@@ -46,12 +46,13 @@ def make_mesh(model_parallelism: int = 1, devices: Sequence[jax.Device] | None =
               pair_parallel: bool = False) -> Mesh:
   """A ('data', 'model') mesh over all (or the given) devices; ('pair', 'data', 'model') with pair_parallel."""
   devices = list(devices if devices is not None else jax.devices())
-  pairs = 2 if pair_parallel else 1
-  if len(devices) % (pairs * model_parallelism):
-    what = "two halves (pair_parallel) of " if pair_parallel else ""
-    raise CoditError(f"{len(devices)} devices cannot be split into {what}model-parallel groups of "
-                     f"{model_parallelism}: set model_parallelism to a divisor of the device count"
-                     f"{' / 2' if pair_parallel else ''}.")
+  if pair_parallel and len(devices) % (2 * model_parallelism):
+    raise CoditError(f"{len(devices)} devices cannot be split into two halves (pair_parallel) of model-parallel "
+                     f"groups of {model_parallelism}: pair_parallel needs a device count divisible by "
+                     "2 x model_parallelism. Turn pair_parallel off or lower model_parallelism.")
+  if len(devices) % model_parallelism:
+    raise CoditError(f"{len(devices)} devices cannot be split into model-parallel groups of {model_parallelism}: "
+                     "set model_parallelism to a divisor of the device count.")
   grid = np.asarray(devices).reshape(len(devices) // model_parallelism, model_parallelism)
   if not pair_parallel:
     return Mesh(grid, (DATA, MODEL))

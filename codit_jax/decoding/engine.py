@@ -29,9 +29,8 @@ from typing import NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
-
 from flax import nnx
+from jax.sharding import Mesh
 
 from codit_jax import parallel
 from codit_jax.decoding import sampling
