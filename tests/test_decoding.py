@@ -16,7 +16,7 @@ from codit_jax.decoding import sampling, torch_reference
 from codit_jax.decoding.engine import DecodeSettings, Engine, check_vocabularies, generate_batch, prompt_buckets
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
-from codit_jax.models import forward
+from codit_jax.models import decoder, forward
 
 V = tiny_checkpoints.TOKENIZER_SIZE
 PAIR_FAMILIES = ("llama", "qwen3", "gemma3", "olmo3", "mistral")
@@ -190,6 +190,23 @@ def test_pair_parallel_equals_one_model_after_the_other(family):
       assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
       np.testing.assert_allclose(b.post_logprobs, a.post_logprobs, atol=1e-5, rtol=0)
       np.testing.assert_allclose(b.pre_logprobs, a.pre_logprobs, atol=1e-5, rtol=0)
+
+
+def test_long_generation_reads_cache_by_blocks_alone_and_pair_parallel():
+  """A batch with a cache of 4 DECODE_BLOCKs (prompt bucket 32 + 992 new tokens): its steps read the
+  cache by visible blocks (one, then two), then whole; the models in turn and side by side agree."""
+  post_path, pre_path = _same_shape_pair("llama")
+  post, pre = (checkpoints.load_model(p) for p in (post_path, pre_path))
+  mesh = parallel.make_mesh(model_parallelism=2, pair_parallel=True)
+  pair = checkpoints.load_pair(post_path, pre_path, mesh)
+  examples = _prompts(4, lengths=(5, 31, 12, 20))
+  assert decoder.cache_length(32 + 992) == 4 * decoder.DECODE_BLOCK
+  in_turn = Engine(post, pre, _settings(max_new_tokens=992), batch_size=4, max_prompt_len=32).generate(examples)
+  side_by_side = Engine(pair, None, _settings(max_new_tokens=992, pair_parallel=True), batch_size=4,
+                        max_prompt_len=32, mesh=mesh).generate(examples)
+  for a, b in zip(in_turn, side_by_side):
+    assert len(a.tokens) == 992 and a.tokens == b.tokens
+    np.testing.assert_allclose(b.pre_logprobs, a.pre_logprobs, atol=1e-4, rtol=0)
 
 
 def test_pair_parallel_refusals():

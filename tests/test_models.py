@@ -17,7 +17,7 @@ import transformers
 
 import tiny_checkpoints
 from codit_jax import checkpoints, parallel
-from codit_jax.models import decode_step, forward, prefill
+from codit_jax.models import decode_step, decoder, forward, prefill
 
 FAMILIES = tiny_checkpoints.FAMILIES
 PROMPT_LEN = 72
@@ -110,6 +110,28 @@ def test_cached_decode_equals_full_forward(family):
     np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
   assert int(cache.index) == PROMPT_LEN
   np.testing.assert_array_equal(np.asarray(cache.next_position), [PROMPT_LEN, PROMPT_LEN - PAD])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_decode_past_one_cache_block_equals_full_forward(family):
+  """A cache of 4 DECODE_BLOCKs: decode steps on both sides of the first block boundary read only the
+  one or two blocks that can hold visible keys (gemma3's sliding layers skip blocks behind their
+  window) and still give the full forward's logits; with left padding in the second row."""
+  block = decoder.DECODE_BLOCK
+  length, split = block + 24, block - 8
+  assert decoder.cache_length(length) == 2 * block and decoder.cache_length(block) == block
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, tiny_checkpoints.TOKENIZER_SIZE, size=(2, length)).astype(np.int32)
+  mask = np.ones((2, length), np.int32)
+  mask[1, :PAD] = 0
+  model = _model(family)
+  full, _ = jax.jit(forward)(model, jnp.asarray(tokens), jnp.asarray(mask))
+  logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
+                                                     jnp.asarray(mask[:, :split]), 4 * block)
+  step = jax.jit(decode_step)
+  for t in range(split, length):
+    logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -37,6 +37,7 @@ from codit_jax.decoding import sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import Decoder, decode_step, prefill
+from codit_jax.models.decoder import cache_length
 
 MODES = ("codit", "direct")
 
@@ -111,7 +112,11 @@ def _prefill_models(post, pre, tokens, mask, max_len: int, settings: DecodeSetti
 def _step_models(post, pre, token, caches, settings: DecodeSettings):
   """One decode step of the model(s): (post logits, pre logits or None, caches)."""
   if settings.pair_parallel:
-    logits, caches = _over_pair(post, lambda model, cache: decode_step(model, token, cache), caches)
+    # The write slot is the same for both models: kept out of the vmap, so that the blocks a
+    # step reads (DECODE_BLOCK) are a plain loop, not one batched over the pair.
+    index = caches.index[0]
+    logits, caches = _over_pair(post, lambda model, cache: decode_step(model, token, cache._replace(index=index)),
+                                caches)
     return logits[0], logits[1], caches
   post_logits, post_cache = decode_step(post, token, caches[0])
   pre_logits, pre_cache = decode_step(pre, token, caches[1]) if settings.mode == "codit" else (None, None)
@@ -151,7 +156,7 @@ def _generate_batch(post: Decoder, pre: Decoder | None, tokens, mask, active, ha
                     settings: DecodeSettings) -> BatchOutput:
   b, prompt_len = tokens.shape
   n = settings.max_new_tokens
-  max_len = prompt_len + n
+  max_len = cache_length(prompt_len + n)
   end_ids = jnp.asarray(settings.end_ids, jnp.int32)
   post_logits, pre_logits, caches = _prefill_models(post, pre, tokens, mask, max_len, settings)
   out = BatchOutput(
