@@ -44,11 +44,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def parse_args():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+  """The random Llama-family model's size and dtype (shared with decode_cache.py)."""
   parser.add_argument("--batch", type=int, default=16)
   parser.add_argument("--prompt_len", type=int, default=64)
-  parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--hidden", type=int, default=256)
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--heads", type=int, default=8)
@@ -56,6 +55,12 @@ def parse_args():
   parser.add_argument("--intermediate", type=int, default=768)
   parser.add_argument("--vocab", type=int, default=8192)
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+
+def parse_args():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_model_args(parser)
+  parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--skip_torch", action="store_true", help="accelerator runs: engine only")
@@ -176,12 +181,16 @@ def main():
                  + (f", {times['pytorch codit'] / pair_time:.2f}x PyTorch" if "pytorch codit" in times else "")
                  + f"; same greedy tokens as the one-device engine: "
                  f"{engine_tokens['codit, pair-parallel'] == engine_tokens['codit']}")
-  text = "\n".join(lines)
+  print_and_record("\n".join(lines), args.record)
+
+
+def print_and_record(text: str, record: bool) -> None:
+  """Prints a benchmark's table; with --record also appends it, with its command, to bench/RESULTS.md."""
   print(text)
-  if args.record:
+  if record:
+    command = " ".join(["python", f"bench/{Path(sys.argv[0]).name}", *(a for a in sys.argv[1:] if a != "--record")])
     with (REPO / "bench" / "RESULTS.md").open("a") as f:
-      f.write(f"\n### {' '.join(sys.argv[1:]) or 'defaults'}\n\n```\npython bench/decode.py "
-              f"{' '.join(a for a in sys.argv[1:] if a != '--record')}\n```\n\n{text}\n")
+      f.write(f"\n```\n{command}\n```\n\n{text}\n")
 
 
 def parameters(args) -> int:

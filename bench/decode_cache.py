@@ -24,19 +24,12 @@ sys.path.insert(0, str(REPO))
 
 
 def parse_args():
+  from decode import add_model_args  # pylint: disable=g-import-not-at-top  (this folder's decode.py)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--batch", type=int, default=16)
-  parser.add_argument("--prompt_len", type=int, default=64)
+  add_model_args(parser)
   parser.add_argument("--max_new_tokens", type=int, default=4096)
   parser.add_argument("--fills", default="128,512,1024,2048,4096", help="cache slots in use when timing")
   parser.add_argument("--steps", type=int, default=32, help="decode steps per timed call")
-  parser.add_argument("--hidden", type=int, default=256)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--kv_heads", type=int, default=4)
-  parser.add_argument("--intermediate", type=int, default=768)
-  parser.add_argument("--vocab", type=int, default=8192)
-  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
   return parser.parse_args()
@@ -46,7 +39,7 @@ def main():
   args = parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from decode import build_pair, machine, parameters, timed  # pylint: disable=g-import-not-at-top
+  from decode import build_pair, machine, parameters, print_and_record, timed  # pylint: disable=g-import-not-at-top
   from codit_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from codit_jax.models import KVCache, decode_step, decoder  # pylint: disable=g-import-not-at-top
 
@@ -97,12 +90,7 @@ def main():
            f"{args.max_new_tokens} new, whole {decoder.DECODE_BLOCK}-slot blocks)",
            "", "| slots in use | whole cache ms/step | visible blocks ms/step | speed-up |", "|---:|---:|---:|---:|"]
   lines += [f"| {fill} | {w * 1e3:.2f} | {b * 1e3:.2f} | {w / b:.2f}x |" for fill, w, b in rows]
-  text = "\n".join(lines)
-  print(text)
-  if args.record:
-    with (REPO / "bench" / "RESULTS.md").open("a") as f:
-      f.write(f"\n```\npython bench/decode_cache.py {' '.join(a for a in sys.argv[1:] if a != '--record')}\n```\n\n"
-              f"{text}\n")
+  print_and_record("\n".join(lines), args.record)
 
 
 if __name__ == "__main__":
