@@ -173,27 +173,40 @@ def _is_transposed(path: tuple) -> bool:
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
                fsdp: bool = False) -> Decoder:
   """Loads a checkpoint folder or Hub id into a Decoder, placed on `mesh` if given."""
-  if dtype not in DTYPES:
-    raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  _check_dtype(dtype)
   path = resolve(str(name_or_path))
   _, cfg = load_config(path)
   tensors = SafetensorsFolder(path)
-  prefixes = next((p for p in _PREFIXES if p[0] + "embed_tokens.weight" in tensors), None)
+  prefixes = _weight_prefixes_or_raise(tensors)
+  model = _decoder_from(cfg, dtype, lambda path_parts, shape: _load_tensor(
+      tensors, path_parts, shape, prefixes, DTYPES[dtype], mesh, fsdp))
+  if mesh is not None:
+    use_expert_parallelism(model, mesh)
+  return model
+
+
+def _check_dtype(dtype: str) -> None:
+  if dtype not in DTYPES:
+    raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+
+
+def _weight_prefixes_or_raise(tensors: SafetensorsFolder) -> tuple[str, str]:
+  prefixes = weight_prefixes(tensors)
   if prefixes is None:
     raise CheckpointError(
         f"{tensors.source} has no embedding tensor (looked for "
         f"{', '.join(p[0] + 'embed_tokens.weight' for p in _PREFIXES)}): this is not a checkpoint of a "
         "supported decoder, or it is incomplete.")
-  target_dtype = DTYPES[dtype]
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=target_dtype, rngs=nnx.Rngs(0)))
+  return prefixes
+
+
+def _decoder_from(cfg: ModelConfig, dtype: str, load) -> Decoder:
+  """A Decoder of `cfg` whose every parameter is load(path_parts, shape): nothing is initialized."""
+  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   for path_parts, variable in state.flat_state():
-    shape = tuple(variable.get_value().shape)
-    variable.set_value(_load_tensor(tensors, path_parts, shape, prefixes, target_dtype, mesh, fsdp))
-  model = nnx.merge(graphdef, state)
-  if mesh is not None:
-    use_expert_parallelism(model, mesh)
-  return model
+    variable.set_value(load(path_parts, tuple(variable.get_value().shape)))
+  return nnx.merge(graphdef, state)
 
 
 def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp):
@@ -222,8 +235,7 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
   post-trained model's, [1] the pre-trained one's, split over `mesh`'s 'pair' axis (see
   parallel.make_mesh(pair_parallel=True)); the engine then runs the two at the same time,
   one per half of the devices. The two must have the same architecture and shapes."""
-  if dtype not in DTYPES:
-    raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  _check_dtype(dtype)
   if parallel.PAIR not in mesh.shape:
     raise CheckpointError("load_pair needs a mesh with a 'pair' axis: parallel.make_mesh(..., pair_parallel=True).")
   paths = [resolve(str(name)) for name in (post_name_or_path, pre_name_or_path)]
@@ -238,25 +250,20 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
     raise CheckpointError(f"{paths[0]} has mixture-of-experts layers, which pair_parallel does not support "
                           "(experts are split over 'model' instead): turn pair_parallel off.")
   folders = [SafetensorsFolder(path) for path in paths]
-  prefixes = [weight_prefixes(tensors) for tensors in folders]
-  for tensors, found in zip(folders, prefixes):
-    if found is None:
-      raise CheckpointError(f"{tensors.source} has no embedding tensor: this is not a checkpoint of a "
-                            "supported decoder, or it is incomplete.")
+  prefixes = [_weight_prefixes_or_raise(tensors) for tensors in folders]
   np_dtype = np.dtype(DTYPES[dtype])
-  abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype=DTYPES[dtype], rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  for path_parts, variable in state.flat_state():
-    shape = tuple(variable.get_value().shape)
+
+  def load(path_parts, shape):
     readers = [_param_reader(t, path_parts, shape, p, np_dtype) for t, p in zip(folders, prefixes)]
 
-    def read(index, readers=readers, ndim=len(shape) + 1):
-      index = _full_index(index, ndim)
+    def read(index):
+      index = _full_index(index, len(shape) + 1)
       return np.stack([readers[which](index[1:]) for which in range(2)[index[0]]])
 
     sharding = parallel.pair_param_sharding(".".join(map(str, path_parts)), shape, mesh)
-    variable.set_value(jax.make_array_from_callback((2, *shape), sharding, read))
-  return nnx.merge(graphdef, state)
+    return jax.make_array_from_callback((2, *shape), sharding, read)
+
+  return _decoder_from(cfg, dtype, load)
 
 
 def _full_index(index: tuple, ndim: int) -> tuple:
