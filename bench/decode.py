@@ -6,7 +6,9 @@
 One random Llama-family pair of the given size is built (transformers, saved
 with save_pretrained, loaded by both sides from the same files). Every
 prompt is decoded greedily to exactly --new_tokens tokens (no end token), by
-  - the engine, CoDIT mode (both models in one jitted loop),
+  - the engine, CoDIT mode (both models in one jitted loop; every row of the batch is admitted
+    at once and runs to the end, so this is the decode loop's speed, not continuous batching's:
+    bench/throughput.py measures that),
   - the engine, direct mode (post-trained model alone),
   - with --pair_parallel, the engine in CoDIT mode with each model on its own
     device, both stepping at once (on CPU: two host devices, one per core),
@@ -133,9 +135,10 @@ def main():
                                   max_new_tokens=new_tokens, pair_parallel=mesh is not None)
         engine = Engine(first_model, second_model, settings, batch_size=args.batch, max_prompt_len=args.prompt_len,
                         mesh=mesh)
-        first, best, out = timed(lambda: engine.generate(examples), args.repeats)  # pylint: disable=cell-var-from-loop
+        run = lambda: {c.id: c for c in engine.run(examples)}  # noqa: E731  pylint: disable=cell-var-from-loop
+        first, best, out = timed(run, args.repeats)
         times.append((first, best))
-        engine_tokens.setdefault(name, [c.tokens for c in out])
+        engine_tokens.setdefault(name, [out[i].tokens for i, _ in examples])
       rows.append((f"engine {name}", *times[0], times[1][1]))
     match = None
     if not args.skip_torch:

@@ -57,7 +57,7 @@ def main():
     return KVCache(keys=tuple(jnp.zeros(shape_k, dtype) for _ in range(cfg.num_layers)),
                    values=tuple(jnp.zeros(shape_v, dtype) for _ in range(cfg.num_layers)),
                    key_valid=jnp.arange(length)[None, :].repeat(args.batch, 0) < fill,
-                   next_position=jnp.full((args.batch,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
+                   next_position=jnp.full((args.batch,), fill, jnp.int32), index=jnp.full((args.batch,), fill, jnp.int32))
 
   def compiled_steps():
     """A new function each time: jit caches traces per function, and DECODE_BLOCK is read when tracing."""

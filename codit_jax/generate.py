@@ -4,14 +4,16 @@
     python -m codit_jax.generate --config=configs/qwen3_8b.py \
         --config.prompts=seed.jsonl --config.output_dir=/data/codit-qwen3-8b
 
-The run reads every prompt, plans the batches deterministically (prompts sorted
-by token length, then cut into batches of `batch_size`), skips the batches
-whose shards already exist in `output_dir`, and decodes the rest. Rerunning the
-same command after a crash finishes the dataset; the result equals an
-uninterrupted run's. With several processes (a TPU pod; or --coordinator_address,
---num_processes, --process_id), every process reads the prompts, feeds its rows
-of each batch into one global mesh and writes its own shards; `output_dir`
-must then be shared (e.g. gs://).
+The run checks everything it can before touching output_dir or loading a
+model (settings, checkpoint folders, tokenizers, the prompts), then claims
+output_dir, skips the ids whose rows are already written and decodes the rest
+through the continuously batched engine, handing each row to the writer as it
+finishes. Rerunning the same command after a crash or Ctrl-C finishes the
+dataset; its records by id equal an uninterrupted run's. A prompt that changed
+under an id already written is refused, never passed off as done. With several
+processes (a TPU pod; or --coordinator_address, --num_processes, --process_id),
+every process reads the prompts, makes the same admit decisions, feeds one
+global mesh and writes its own shards; `output_dir` must then be shared (gs://).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
+import hashlib
+import json
 import os
 import sys
 import time
@@ -48,12 +52,15 @@ flags.DEFINE_bool("force", False, "Delete an existing dataset in output_dir writ
 # Environment variables that mark a cluster where jax.distributed.initialize() finds its peers itself.
 _CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
                     "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
-# Settings that decide the dataset's content; a resumed run must repeat them.
-_RUN_KEYS = ("post_trained", "pre_trained", "prompts", "mode", "alpha", "beta", "temperature", "top_p",
-             "top_k", "max_new_tokens", "seed", "enable_thinking", "system_prompt", "prompt_fields",
-             "prompts_format", "tfds_split", "max_prompt_len", "long_prompts", "dtype", "batch_size",
-             "min_bucket", "write_jsonl")
+# Config keys that change how fast or how verbosely a run goes, or where it writes, but no record
+# of the dataset: a resumed run may change them. Every other key decides the content and must be
+# repeated (run.json, the resume guard). The prompts are guarded by their content (each row's id
+# and prompt digest), not by the file's path.
+_NOT_CONTENT_KEYS = frozenset({
+    "output_dir", "prompts", "batch_size", "model_parallelism", "compilation_cache_dir", "log_every_seconds",
+    "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input"})
 _REQUIRED = ("post_trained", "prompts", "output_dir")
+_LONG_PROMPT_POLICIES = ("skip", "truncate")
 
 
 def initialize_distributed(coordinator_address, num_processes, process_id) -> None:
@@ -72,7 +79,10 @@ def initialize_distributed(coordinator_address, num_processes, process_id) -> No
       logging.info("jax.distributed not started (%s); running as one process.", e)
 
 
+
+
 def validate(config) -> None:
+  """Refuses a config that cannot run, before anything is read, loaded or written."""
   missing = [key for key in _REQUIRED if not config.get(key)]
   if config.mode == "codit" and not config.pre_trained:
     missing.append("pre_trained")
@@ -81,8 +91,18 @@ def validate(config) -> None:
                      f"--config.{missing[0]}=..., e.g. --config=configs/default.py "
                      "--config.post_trained=Qwen/Qwen3-0.6B --config.pre_trained=Qwen/Qwen3-0.6B-Base "
                      "--config.prompts=seed.jsonl --config.output_dir=out.")
-  if config.batch_size < 1:
-    raise CoditError(f"batch_size must be at least 1; got {config.batch_size}.")
+  engine_lib.check_sampling(config.mode, config.alpha, config.beta, config.temperature, config.top_p,
+                            config.top_k, config.max_new_tokens)
+  if config.dtype not in checkpoints.DTYPES:
+    raise CoditError(f"dtype {config.dtype!r} is not supported: set --config.dtype to one of "
+                     f"{', '.join(checkpoints.DTYPES)}.")
+  for key in ("batch_size", "chunk_steps", "admit_tokens", "rows_per_shard", "min_bucket"):
+    if config[key] < 1:
+      raise CoditError(f"{key} must be at least 1; got {config[key]}.")
+  if config.max_prompt_len < 0:
+    raise CoditError(f"max_prompt_len must be >= 0 (0: from the model's context); got {config.max_prompt_len}.")
+  if config.long_prompts not in _LONG_PROMPT_POLICIES:
+    raise CoditError(f"long_prompts {config.long_prompts!r} is not one of {', '.join(_LONG_PROMPT_POLICIES)}.")
   if config.get("pair_parallel") and config.mode != "codit":
     raise CoditError("pair_parallel splits the devices between the two models of a CoDIT pair; "
                      f"mode {config.mode!r} runs one model: set pair_parallel=False.")
@@ -93,6 +113,12 @@ class Prompt:
   id: str
   instruction: str  # as the model read it (shortened if truncated)
   ids: tuple[int, ...]
+
+  @property
+  def digest(self) -> str:
+    """What the row of this id is answered from: a rerun refuses a row whose prompt changed."""
+    text = json.dumps([self.instruction, list(self.ids)], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def read_prompts(config, tokenizer, max_prompt_len: int, enable_thinking):
@@ -109,44 +135,62 @@ def read_prompts(config, tokenizer, max_prompt_len: int, enable_thinking):
                                 report=report)
     if fitted.ids is not None:
       result.append(Prompt(record.id, fitted.instruction, tuple(fitted.ids)))
+  if not result:
+    raise CoditError(f"{config.prompts} holds no usable prompt, so nothing was written. {report.summary()}")
   return result, report
 
 
-def plan_batches(items: list[Prompt], batch_size: int) -> list[list[Prompt]]:
-  """Batches of similar lengths, decided by the input alone, so that a rerun plans the same ones."""
-  ordered = sorted(range(len(items)), key=lambda i: (len(items[i].ids), i))
-  return [[items[i] for i in ordered[start:start + batch_size]] for start in range(0, len(ordered), batch_size)]
+def prompts_to_do(items: list[Prompt], finished: dict[str, str], output_dir: str) -> list[Prompt]:
+  """The prompts whose ids have no row yet; refuses rows that these prompts would not have written.
+
+  A rerun resumes by id: new ids (prompts appended to the input) are answered,
+  ids already written are skipped, but only when their rows were written from
+  the same prompts.
+  """
+  digests = {p.id: p.digest for p in items}
+  changed = [i for i, digest in digests.items() if i in finished and finished[i] != digest]
+  if changed:
+    raise CoditError(
+        f"{output_dir} holds rows written from other prompts: the prompt of id {changed[0]!r} has changed "
+        f"since its row was written ({len(changed)} id(s) differ). Write to a new output_dir, or pass --force "
+        "to delete this dataset and start over.")
+  gone = sorted(set(finished) - set(digests))
+  if gone:
+    raise CoditError(
+        f"{output_dir} holds rows of {len(gone)} id(s) that the prompts no longer have (first: {gone[0]!r}): "
+        "it was written from other prompts. Write to a new output_dir, or pass --force to delete this "
+        "dataset and start over.")
+  return [p for p in items if p.id not in finished]
 
 
 class Progress:
-  """A periodic log line: prompts done, tokens/s, ETA."""
+  """A periodic log line: prompts done, live slots, slot utilization, tokens/s, ETA."""
 
-  def __init__(self, total_prompts: int, done_prompts: int, every_seconds: float):
-    self.total, self.done, self.every = total_prompts, done_prompts, every_seconds
+  def __init__(self, total_prompts: int, done_before: int, every_seconds: float, batch_size: int):
+    self.total, self.done_before, self.every, self.batch_size = total_prompts, done_before, every_seconds, batch_size
     self.started = self.last = time.perf_counter()
-    self.done_at_start = done_prompts
 
-  def update(self, prompts_done: int, engine, force: bool = False) -> None:
-    self.done += prompts_done
+  def update(self, stats, force: bool = False) -> None:
     now = time.perf_counter()
     if not force and now - self.last < self.every:
       return
     self.last = now
-    rate = (self.done - self.done_at_start) / max(now - self.started, 1e-9)
-    eta = (self.total - self.done) / rate if rate else float("nan")
-    logging.info("prompts %d/%d (%.1f%%) | %.0f tokens/s | elapsed %s | ETA %s", self.done, self.total,
-                 100 * self.done / max(self.total, 1), engine.tokens_per_second,
-                 _clock(now - self.started), _clock(eta))
+    done = self.done_before + stats.prompts_done
+    rate = stats.prompts_done / max(now - self.started, 1e-9)
+    eta = (self.total - done) / rate if rate else float("nan")
+    logging.info("prompts %d/%d (%.1f%%) | live slots %d/%d | slot utilization %.1f%% (%.1f%% while prompts "
+                 "wait) | %.0f tokens/s | elapsed %s | ETA %s", done, self.total, 100 * done / max(self.total, 1),
+                 stats.live_slots, self.batch_size, 100 * stats.utilization, 100 * stats.utilization_while_waiting,
+                 stats.tokens_per_second, _clock(now - self.started), _clock(eta))
 
 
 def _clock(seconds: float) -> str:
   return "?" if seconds != seconds else str(datetime.timedelta(seconds=int(seconds)))
 
 
-def run_settings(config, num_processes: int) -> dict:
-  settings = {key: config.get(key) for key in _RUN_KEYS}
-  settings["num_processes"] = num_processes  # shard k holds process k % P's rows
-  return settings
+def run_settings(config) -> dict:
+  """The settings that decide the dataset's content (run.json, the resume guard)."""
+  return {key: value for key, value in config.items() if key not in _NOT_CONTENT_KEYS}
 
 
 def main(argv) -> None:
@@ -160,10 +204,13 @@ def main(argv) -> None:
     sys.exit(1)
 
 
+
+
 def generate(config, force: bool = False) -> dict:
   """Runs the job of `config`; returns the summary (also logged) on process 0, {} on the others.
 
-  force: delete a dataset in output_dir that was written with other settings.
+  force: delete a dataset in output_dir written with other settings or prompts (only the files
+  that codit-generate wrote).
   """
   if config is None:
     raise CoditError("no config: pass --config=configs/<file>.py (configs/demo.py runs offline).")
@@ -175,16 +222,20 @@ def generate(config, force: bool = False) -> dict:
     raise CoditError(f"batch_size {config.batch_size} is global and must split evenly over "
                      f"{num_processes} processes.")
 
+  # Everything that needs no model weights is checked before output_dir is touched.
   codit = config.mode == "codit"
   post_path = checkpoints.resolve(config.post_trained)
   pre_path = checkpoints.resolve(config.pre_trained) if codit else None
+  _, post_cfg = checkpoints.load_config(post_path)
+  for path in (post_path, pre_path) if codit else (post_path,):
+    checkpoints.load_config(path)
+    checkpoints.SafetensorsFolder(path)  # the weights are there (reads the headers only)
   post_tokenizer = transformers.AutoTokenizer.from_pretrained(post_path)
   if codit:
     vocab_size = engine_lib.check_vocabularies(post_tokenizer, transformers.AutoTokenizer.from_pretrained(pre_path),
                                                config.post_trained, config.pre_trained)
   else:
     vocab_size = len(post_tokenizer.get_vocab())
-  _, post_cfg = checkpoints.load_config(post_path)
   end_ids = tuple(prompts.end_token_ids(post_tokenizer, post_path))
   max_prompt_len = config.max_prompt_len or min(2048, post_cfg.max_position_embeddings - config.max_new_tokens)
   if max_prompt_len < 1 or max_prompt_len + config.max_new_tokens > post_cfg.max_position_embeddings:
@@ -193,61 +244,68 @@ def generate(config, force: bool = False) -> dict:
         f"{config.post_trained} ({post_cfg.max_position_embeddings} positions). Lower one of them.")
   enable_thinking = (prompts.default_enable_thinking(post_tokenizer) if config.enable_thinking is None
                      else config.enable_thinking)
-
+  decode_settings = engine_lib.DecodeSettings(
+      vocab_size=vocab_size, end_ids=end_ids, mode=config.mode, alpha=config.alpha, beta=config.beta,
+      temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+      max_new_tokens=config.max_new_tokens, pair_parallel=bool(config.get("pair_parallel")))
   items, report = read_prompts(config, post_tokenizer, max_prompt_len, enable_thinking)
-  batches = plan_batches(items, config.batch_size)
-  settings = run_settings(config, num_processes)
-  writer = writer_lib.DatasetWriter(config.output_dir, settings, write_jsonl=config.write_jsonl)
+
+  settings = run_settings(config)
+  writer = writer_lib.DatasetWriter(config.output_dir, settings, process_index=process, num_processes=num_processes,
+                                    rows_per_shard=config.rows_per_shard, write_jsonl=config.write_jsonl,
+                                    write_parquet=config.write_parquet)
+  writer.check_claimable(force=force)
   if process == 0:
     writer.claim(force=force)
   _barrier("claimed")
-  todo = _batches_to_do(writer, len(batches), process, num_processes)
-  done_prompts = sum(len(b) for g, b in enumerate(batches) if g not in todo)
-  logging.info("%d prompts in %d batches; %d batches already written, %d to do.", len(items), len(batches),
-               len(batches) - len(todo), len(todo))
+  todo = prompts_to_do(items, writer.finished(), config.output_dir)
+  _check_same_plan(todo)
+  logging.info("%d prompts; %d already written, %d to do.", len(items), len(items) - len(todo), len(todo))
 
   if todo:
-    pair_parallel = bool(config.get("pair_parallel"))
-    mesh = parallel.make_mesh(config.model_parallelism, pair_parallel=pair_parallel)
-    if pair_parallel:  # both models stacked, one per half of the devices
-      post, pre = checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None
-    else:
-      post = checkpoints.load_model(post_path, config.dtype, mesh)
-      pre = checkpoints.load_model(pre_path, config.dtype, mesh) if codit else None
-    decode_settings = engine_lib.DecodeSettings(
-        vocab_size=vocab_size, end_ids=end_ids, mode=config.mode, alpha=config.alpha, beta=config.beta,
-        temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-        max_new_tokens=config.max_new_tokens, pair_parallel=pair_parallel)
-    engine = engine_lib.Engine(post, pre, decode_settings, batch_size=config.batch_size,
-                               max_prompt_len=max_prompt_len, seed=config.seed, mesh=mesh,
-                               min_bucket=config.min_bucket)
-    progress = Progress(len(items), done_prompts, config.log_every_seconds)
-    for g in todo:
-      batch = batches[g]
-      completions = engine.run_batch([(p.id, p.ids) for p in batch])
-      by_id = {p.id: p for p in batch}
-      writer.write_shard(g * num_processes + process,
-                         [_example(by_id[c.id], c, post_tokenizer) for c in completions])
-      progress.update(len(batch), engine)
-    progress.update(0, engine, force=True)
+    engine = _engine(config, decode_settings, post_path, pre_path, max_prompt_len)
+    progress = Progress(len(items), len(items) - len(todo), config.log_every_seconds, config.batch_size)
+    by_id = {p.id: p for p in todo}
+    try:
+      for completion in engine.run([(p.id, p.ids) for p in todo], on_chunk=progress.update):
+        prompt = by_id[completion.id]
+        writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
+    finally:
+      writer.flush()  # on Ctrl-C too: the rows that finished are kept, and a rerun resumes after them
+    progress.update(engine.stats, force=True)
 
   _barrier("written")
   summary = {}
   if process == 0:
-    writer.finish(len(batches) * num_processes, _metadata(config, settings, vocab_size, end_ids),
-                  _description(config))
-    summary = _summarize(config.output_dir, report)
+    writer.finish(_metadata(settings, config, vocab_size, end_ids, report), _description(config))
+    summary = _summarize(config.output_dir, report, new_rows=len(todo))
   _barrier("finished")
   return summary
 
 
-def _batches_to_do(writer, num_batches: int, process: int, num_processes: int) -> list[int]:
-  """Batches not yet written by every process (all processes must agree: a batch is one collective)."""
-  finished = writer.finished_shards()
-  mine = np.asarray([g * num_processes + process in finished for g in range(num_batches)], np.bool_)
-  if num_processes > 1:
-    mine = np.asarray(multihost_utils.process_allgather(mine)).reshape(num_processes, -1).all(axis=0)
-  return [g for g in range(num_batches) if not mine[g]]
+def _engine(config, decode_settings, post_path, pre_path, max_prompt_len: int) -> engine_lib.Engine:
+  """Loads the model(s) onto the mesh and builds the engine."""
+  mesh = parallel.make_mesh(config.model_parallelism, pair_parallel=decode_settings.pair_parallel)
+  if decode_settings.pair_parallel:  # both models stacked, one per half of the devices
+    post, pre = checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None
+  else:
+    post = checkpoints.load_model(post_path, config.dtype, mesh)
+    pre = checkpoints.load_model(pre_path, config.dtype, mesh) if decode_settings.mode == "codit" else None
+  return engine_lib.Engine(post, pre, decode_settings, batch_size=config.batch_size, max_prompt_len=max_prompt_len,
+                           seed=config.seed, mesh=mesh, min_bucket=config.min_bucket,
+                           chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
+
+
+def _check_same_plan(todo: list[Prompt]) -> None:
+  """Every process must decode the same prompts, since all make the same admit decisions: they read
+  the finished rows from one output_dir that they share."""
+  if jax.process_count() == 1:
+    return
+  mine = np.frombuffer(hashlib.sha256("\n".join(p.id for p in todo).encode()).digest()[:8], np.uint8)
+  everyone = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
+  if not (everyone == everyone[0]).all():
+    raise CoditError("the processes see different finished rows in output_dir: it must be one folder that all "
+                     "of them share (e.g. gs://...), not a local folder on each host.")
 
 
 def _barrier(name: str) -> None:
@@ -261,12 +319,14 @@ def _example(prompt: Prompt, completion, tokenizer) -> dict:
       "id": prompt.id, "instruction": prompt.instruction, "response": response,
       "finish_reason": completion.finish_reason, "response_tokens": completion.tokens,
       "post_logprobs": completion.post_logprobs, "pre_logprobs": completion.pre_logprobs,
+      "codit_logprobs": completion.codit_logprobs, "end_codit_logprob": completion.end_codit_logprob,
       "repetitive": repetition.is_repetitive(response),
   }
 
 
-def _metadata(config, settings: dict, vocab_size: int, end_ids) -> dict:
-  return dict(settings, codit_jax_version=__version__, vocab_size=vocab_size, end_ids=list(end_ids))
+def _metadata(settings: dict, config, vocab_size: int, end_ids, report) -> dict:
+  return dict(settings, prompts=config.prompts, codit_jax_version=__version__, vocab_size=vocab_size,
+              end_ids=list(end_ids), skipped_inputs=dict(report.counts))
 
 
 def _description(config) -> str:
@@ -277,7 +337,7 @@ def _description(config) -> str:
           f"top_k={config.top_k}, max_new_tokens={config.max_new_tokens}, seed={config.seed}).")
 
 
-def _summarize(output_dir: str, report) -> dict:
+def _summarize(output_dir: str, report, new_rows: int) -> dict:
   """Rows by finish reason, the repetitive fraction, skipped inputs by kind; logged and returned."""
   builder = tfds.builder_from_directory(output_dir)
   decoders = tfds.decode.PartialDecoding({"finish_reason": True, "repetitive": True})
@@ -286,15 +346,19 @@ def _summarize(output_dir: str, report) -> dict:
     reasons[example["finish_reason"].decode()] += 1
     repetitive += int(example["repetitive"])
     rows += 1
-  summary = {"rows": rows, "finish_reason": dict(reasons), "repetitive_fraction": repetitive / max(rows, 1),
-             "skipped_inputs": dict(report.counts), "output_dir": output_dir}
+  summary = {"rows": rows, "new_rows": new_rows, "finish_reason": dict(reasons),
+             "repetitive_fraction": repetitive / max(rows, 1), "skipped_inputs": dict(report.counts),
+             "output_dir": output_dir}
   logging.info("Dataset %s: %d rows (%s), repetitive %.1f%%.", output_dir, rows,
                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())), 100 * summary["repetitive_fraction"])
   logging.info("Input: %s", report.summary())
-  print(f"codit-generate: wrote {rows} rows to {output_dir} "
+  what = f"wrote {new_rows} new rows ({rows} in all)" if new_rows else f"already complete: {rows} rows"
+  print(f"codit-generate: {what} in {output_dir} "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}; repetitive "
         f"{100 * summary['repetitive_fraction']:.1f}%). {report.summary()}")
   return summary
+
+
 
 
 def run() -> None:

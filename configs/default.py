@@ -43,7 +43,11 @@ def get_config() -> config_dict.ConfigDict:
 
   # Compute.
   config.dtype = "bfloat16"  # 'bfloat16' | 'float32'
-  config.batch_size = 32  # global, over all processes
+  # Slots of the running batch (global, over all processes): rows leave as they finish and
+  # waiting prompts take their slots. The dataset does not depend on it, nor on the two below.
+  config.batch_size = 32
+  config.chunk_steps = 32  # most decode steps between two looks of the host at the batch
+  config.admit_tokens = 1024  # about how many prompt tokens one prefill (admit) program takes
   config.model_parallelism = 1  # devices per model replica (the 'model' mesh axis)
   # CoDIT only: the post-trained model on one half of the devices, the pre-trained on the
   # other, both stepping at once (needs an even device count and a pair of equal shapes).
@@ -52,6 +56,8 @@ def get_config() -> config_dict.ConfigDict:
   config.compilation_cache_dir = "~/.cache/codit_jax/xla"  # '' turns JAX's persistent cache off
 
   # Output and reporting.
+  config.rows_per_shard = 1000  # a TFRecord shard is written (atomically) every this many finished rows
   config.write_jsonl = False  # also write codit.jsonl in the reference implementation's layout
+  config.write_parquet = False  # also write the dataset as Parquet files (Hugging Face datasets, TRL)
   config.log_every_seconds = 30.0
   return config

@@ -1,5 +1,6 @@
 """The CoDIT engine against a PyTorch reference, its sampler's statistics, and its invariances."""
 
+import dataclasses
 import functools
 import tempfile
 
@@ -13,7 +14,8 @@ import transformers
 import tiny_checkpoints
 from codit_jax import checkpoints, parallel
 from codit_jax.decoding import sampling, torch_reference
-from codit_jax.decoding.engine import DecodeSettings, Engine, check_vocabularies, generate_batch, prompt_buckets
+from codit_jax.decoding import engine as engine_lib
+from codit_jax.decoding.engine import DecodeSettings, Engine, check_vocabularies, prompt_buckets
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import decoder, forward
@@ -46,6 +48,13 @@ def _prompts(n, seed=0, lengths=(5, 31, 12, 40, 9, 23)):
   return [(f"ex{i}", rng.integers(0, V, size=lengths[i % len(lengths)]).tolist()) for i in range(n)]
 
 
+def _generate(engine, examples):
+  """The engine's completions of (id, ids) examples, in the examples' order."""
+  by_id = {c.id: c for c in engine.run(examples)}
+  assert len(by_id) == len(examples)
+  return [by_id[example_id] for example_id, _ in examples]
+
+
 def _settings(**kw):
   defaults = dict(vocab_size=V, end_ids=(V + 5,), temperature=0.0, max_new_tokens=20)  # no real end token
   defaults.update(kw)
@@ -64,7 +73,10 @@ def test_greedy_equals_torch_reference(family, mode):
                                    max_new_tokens=20, mode=mode)[0][0]
   end_ids = (probe[7],)
   settings = _settings(mode=mode, end_ids=end_ids)
-  completions = Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16).generate(prompts)
+  # 3 slots for 6 prompts: rows join the running batch as others stop.
+  engine = Engine(post, pre, settings, batch_size=3, max_prompt_len=64, min_bucket=16)
+  completions = _generate(engine, prompts)
+  assert engine.stats.prompts_done == 6
   reasons = set()
   for (example_id, ids), got in zip(prompts, completions):
     tokens, lp_post, lp_pre, reason = torch_reference.generate(
@@ -125,7 +137,7 @@ def test_never_draws_outside_plausibility_set():
   alpha = 0.2
   settings = _settings(alpha=alpha, temperature=1.0, max_new_tokens=1)
   examples = [(f"id{i}", prompt) for i in range(64)]
-  completions = Engine(post, pre, settings, batch_size=64, max_prompt_len=64).generate(examples)
+  completions = _generate(Engine(post, pre, settings, batch_size=64, max_prompt_len=64), examples)
   ids = jnp.asarray([prompt])
   logits, _ = forward(post, ids, jnp.ones_like(ids))
   lp = np.asarray(log_probs(logits[0, -1], V))
@@ -139,7 +151,7 @@ def _sampled(engine_kwargs, examples, family="qwen3", mesh_shape=None):
   post, pre, mesh = _jax_pair(family, mesh_shape)
   settings = _settings(temperature=1.0, top_p=0.95, max_new_tokens=12)
   engine = Engine(post, pre, settings, max_prompt_len=64, seed=3, mesh=mesh, **engine_kwargs)
-  return {c.id: c.tokens for c in engine.generate(examples)}
+  return {c.id: c.tokens for c in _generate(engine, examples)}
 
 
 def test_example_tokens_independent_of_batch_and_devices():
@@ -157,9 +169,9 @@ def test_greedy_one_device_equals_eight():
   examples = _prompts(8)
   post, pre, _ = _jax_pair("gemma3")
   settings = _settings(max_new_tokens=16)
-  single = Engine(post, pre, settings, batch_size=8, max_prompt_len=64).generate(examples)
+  single = _generate(Engine(post, pre, settings, batch_size=8, max_prompt_len=64), examples)
   post8, pre8, mesh = _jax_pair("gemma3", 4)
-  sharded = Engine(post8, pre8, settings, batch_size=8, max_prompt_len=64, mesh=mesh).generate(examples)
+  sharded = _generate(Engine(post8, pre8, settings, batch_size=8, max_prompt_len=64, mesh=mesh), examples)
   assert [c.tokens for c in single] == [c.tokens for c in sharded]
 
 
@@ -183,9 +195,9 @@ def test_pair_parallel_equals_one_model_after_the_other(family):
   assert pair.layers[0].mlp.up_proj.kernel[...].sharding.spec[0] == "pair"
   examples = _prompts(6)
   for sampling_kw in (dict(), dict(temperature=1.0, top_p=0.9)):
-    in_turn = Engine(post, pre, _settings(**sampling_kw), batch_size=4, max_prompt_len=64, seed=3).generate(examples)
-    side_by_side = Engine(pair, None, _settings(pair_parallel=True, **sampling_kw), batch_size=4, max_prompt_len=64,
-                          seed=3, mesh=mesh).generate(examples)
+    in_turn = _generate(Engine(post, pre, _settings(**sampling_kw), batch_size=4, max_prompt_len=64, seed=3), examples)
+    side_by_side = _generate(Engine(pair, None, _settings(pair_parallel=True, **sampling_kw), batch_size=4,
+                                    max_prompt_len=64, seed=3, mesh=mesh), examples)
     for a, b in zip(in_turn, side_by_side):
       assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
       np.testing.assert_allclose(b.post_logprobs, a.post_logprobs, atol=1e-5, rtol=0)
@@ -201,9 +213,9 @@ def test_long_generation_reads_cache_by_blocks_alone_and_pair_parallel():
   pair = checkpoints.load_pair(post_path, pre_path, mesh)
   examples = _prompts(4, lengths=(5, 31, 12, 20))
   assert decoder.cache_length(32 + 992) == 4 * decoder.DECODE_BLOCK
-  in_turn = Engine(post, pre, _settings(max_new_tokens=992), batch_size=4, max_prompt_len=32).generate(examples)
-  side_by_side = Engine(pair, None, _settings(max_new_tokens=992, pair_parallel=True), batch_size=4,
-                        max_prompt_len=32, mesh=mesh).generate(examples)
+  in_turn = _generate(Engine(post, pre, _settings(max_new_tokens=992), batch_size=4, max_prompt_len=32), examples)
+  side_by_side = _generate(Engine(pair, None, _settings(max_new_tokens=992, pair_parallel=True), batch_size=4,
+                                  max_prompt_len=32, mesh=mesh), examples)
   for a, b in zip(in_turn, side_by_side):
     assert len(a.tokens) == 992 and a.tokens == b.tokens
     np.testing.assert_allclose(b.pre_logprobs, a.pre_logprobs, atol=1e-4, rtol=0)
@@ -225,6 +237,60 @@ def test_pair_parallel_refusals():
     Engine(pair, pair, _settings(pair_parallel=True), batch_size=4, max_prompt_len=64, mesh=mesh)
 
 
+def _alone_and_joined(engine_kwargs, mesh_shape=None, **settings_kw):
+  """Example 'x' (the longest prompt, so admitted last) decoded alone in an empty batch, and decoded
+  after joining a running batch of 19 others at another slot and time."""
+  post, pre, mesh = _jax_pair("llama", mesh_shape)
+  settings = _settings(max_new_tokens=160, **settings_kw)
+  make = lambda: Engine(post, pre, settings, max_prompt_len=100, min_bucket=32, seed=5, mesh=mesh,  # noqa: E731
+                        **engine_kwargs)
+  rng = np.random.default_rng(4)
+  others = [(f"o{i}", rng.integers(0, V, size=int(n)).tolist()) for i, n in enumerate(rng.integers(3, 60, 19))]
+  x = ("x", rng.integers(0, V, size=90).tolist())
+  # An end token the neighbours draw now and then, so that their rows stop at different times.
+  end = int(np.bincount(np.concatenate([c.tokens for c in _generate(make(), others[:4])])).argmax())
+  settings = dataclasses.replace(settings, end_ids=(end,))
+  make = lambda: Engine(post, pre, settings, max_prompt_len=100, min_bucket=32, seed=5, mesh=mesh,  # noqa: E731
+                        **engine_kwargs)
+  alone = {c.id: c for c in make().run([x])}["x"]
+  joined_engine = make()
+  joined = {c.id: c for c in joined_engine.run(others + [x])}
+  reasons = {c.finish_reason for c in joined.values()}
+  return alone, joined["x"], joined_engine, reasons
+
+
+@pytest.mark.parametrize("mesh_shape", [None, 2])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_row_is_independent_of_slot_neighbours_and_admission_time(temperature, mesh_shape):
+  """Bit for bit: a row's tokens and log-probs do not depend on what else runs in the batch, on 1 device
+  and on 8 (data 4 x model 2). The cache (100 + 160 slots, 2 blocks) makes steps read the blocks
+  that neighbours need and this row does not."""
+  alone, joined, engine, reasons = _alone_and_joined(dict(batch_size=16), mesh_shape, temperature=temperature)
+  assert engine.cache_len == 2 * decoder.DECODE_BLOCK and engine.group_size(32) == 2
+  assert reasons == {"stop", "length"}  # neighbours left at different times
+  assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
+  for field in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
+    np.testing.assert_array_equal(getattr(joined, field), getattr(alone, field), err_msg=field)
+  assert engine.stats.utilization < 1.0 and engine.stats.slot_steps > 0
+
+
+def test_codit_logprobs_are_the_contrastive_distribution():
+  """codit_logprobs: log_softmax of the masked CoDIT score at the drawn token (before temperature);
+  checked against the models' logits directly for the first token."""
+  post, pre, _ = _jax_pair("llama")
+  prompt = _prompts(1)[0]
+  settings = _settings(temperature=0.7, max_new_tokens=1)
+  got = _generate(Engine(post, pre, settings, batch_size=2, max_prompt_len=64), [prompt])[0]
+  ids = jnp.asarray([prompt[1]])
+  lp_post = log_probs(forward(post, ids, jnp.ones_like(ids))[0][0, -1], V)
+  lp_pre = log_probs(forward(pre, ids, jnp.ones_like(ids))[0][0, -1], V)
+  contrastive = np.asarray(jax.nn.log_softmax(codit_score(lp_post, lp_pre, 0.01, 1.0)))
+  token = got.tokens[0]
+  np.testing.assert_allclose(got.codit_logprobs[0], contrastive[token], atol=1e-5)
+  np.testing.assert_allclose(got.post_logprobs[0], np.asarray(lp_post)[token], atol=1e-5)
+  assert np.isfinite(contrastive[token]) and got.end_codit_logprob is None
+
+
 def test_compiled_programs_bounded_by_buckets():
   post, pre, _ = _jax_pair("llama")
   settings = _settings(max_new_tokens=3)
@@ -232,12 +298,15 @@ def test_compiled_programs_bounded_by_buckets():
   assert engine.buckets == (16, 32, 64, 100) == prompt_buckets(100, 16)
   rng = np.random.default_rng(1)
   examples = [(str(i), rng.integers(0, V, size=n).tolist()) for i, n in enumerate(rng.integers(1, 101, 40))]
-  before = generate_batch._cache_size()  # pylint: disable=protected-access
-  engine.generate(examples)
-  engine.generate(examples[:5])  # a partial batch reuses a compiled program
-  assert generate_batch._cache_size() - before <= len(engine.buckets)  # pylint: disable=protected-access
+  programs = (engine_lib.init_state, engine_lib.admit, engine_lib.decode_chunk)
+  before = [p._cache_size() for p in programs]  # pylint: disable=protected-access
+  _generate(engine, examples)
+  _generate(engine, examples[:5])  # another run, fewer prompts: the same programs
+  grown = [p._cache_size() - b for p, b in zip(programs, before)]  # pylint: disable=protected-access
+  assert grown[0] == 1 and grown[2] == 1  # one empty batch, one decode program
+  assert grown[1] <= len(engine.buckets)  # one admit program per prompt bucket
   with pytest.raises(CoditError, match="exceeds max_prompt_len"):
-    engine.generate([("long", [1] * 101)])
+    _generate(engine, [("long", [1] * 101)])
 
 
 def test_tokenizers_that_disagree_are_refused(tmp_path):

@@ -1,22 +1,43 @@
-"""The decode engine: both models of a pair in one compiled program per prompt bucket.
+"""The decode engine: both models of a pair, continuously batched.
 
-`generate_batch` is a single jitted function: one prefill of each model over a
-left-padded batch, then a `lax.while_loop` of decode steps in which both models
-read the last token, the score is formed, the next token drawn and written to
-both caches. Nothing returns to the host until every row has stopped or the
-token budget is spent, and the loop exits as soon as every row has stopped.
-The KV caches are created and consumed inside the program, so XLA updates them
-in place; they never cross a jit boundary that would need donating.
+The running batch has B slots (B = batch_size). A slot holds one example at a
+time; when its row stops, the slot is refilled with a waiting prompt while the
+other rows go on, so no row waits for a longer neighbour. The device state is
+one pytree, `DecodeState`, of fixed shapes for the whole run: both models' KV
+caches (one length for every slot: the longest prompt bucket plus
+max_new_tokens), each row's cache write index and rope position (in the caches),
+its last token, the tokens it emitted so far, a done flag, its example's hash,
+and the output buffers of what it emitted.
+
+Three compiled programs, in the shape of JetStream's engine (prefill, insert,
+generate) and MaxText's offline engine:
+  * `init_state` (one program): the empty batch, every slot free.
+  * `admit` (one program per prompt bucket): prefill a group of waiting prompts,
+    left-padded to the bucket, in both models; draw their first tokens; scatter
+    their caches and rows into free slots. A group has a fixed size per bucket
+    (about `admit_tokens` tokens); its padding rows target slot B and are
+    dropped by the scatter.
+  * `decode_chunk` (one program): a while_loop of up to `chunk_steps` decode
+    steps of every live row, leaving early once `min_free` slots are free (a
+    refill pays off) or no row is live.
+The host (`Engine.run`) loops: admit waiting prompts (in length order) into the
+free slots, dispatch a chunk, read the replicated done flags, hand the finished
+rows on. The state is donated to every program, and nothing returns to the host
+per token.
+
+A row's tokens depend only on its own data: its prompt, its sampling keys
+fold_in(fold_in(key(seed), hash(id)), t) with t its own token index, its own
+cache slots. Decode attention reads the cache blocks that any live row can see,
+and a block no key of which a row sees leaves that row's result exactly as it
+was (`models.decoder.attend_step`), so slot, neighbours and admission time
+change no bit of a row. With several processes every process makes the same
+admit and refill decisions from the same waiting list and the replicated done
+flags, feeds the same groups, and reports the rows of its own devices.
 
 With `pair_parallel` the post-trained argument is both models stacked
 (`checkpoints.load_pair`) and each model step is vmapped over the pair with
 the mesh's 'pair' axis as its SPMD axis: each half of the devices runs one
 model, both at once, and only the logits cross between the halves.
-
-`Engine` is the host side: it checks the pair, sorts prompts by length, pads
-each batch to a prompt-length bucket (powers of two from `min_bucket`) and a
-fixed batch size, so a run over prompts of any lengths compiles at most
-`len(engine.buckets)` programs.
 """
 
 from __future__ import annotations
@@ -24,19 +45,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import NamedTuple, Sequence
+from collections import deque
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from codit_jax import parallel
 from codit_jax.decoding import sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
-from codit_jax.models import Decoder, decode_step, prefill
+from codit_jax.models import Decoder, KVCache, decode_step, prefill
 from codit_jax.models.decoder import cache_length
 
 MODES = ("codit", "direct")
@@ -44,7 +66,7 @@ MODES = ("codit", "direct")
 
 @dataclasses.dataclass(frozen=True)
 class DecodeSettings:
-  """Static settings of a decode program (hashable: a jit static argument)."""
+  """Static settings of the decode programs (hashable: a jit static argument)."""
 
   vocab_size: int  # the tokenizer's real vocabulary
   end_ids: tuple[int, ...]  # any of them stops a row
@@ -58,38 +80,67 @@ class DecodeSettings:
   pair_parallel: bool = False  # the models are one stacked Decoder split over the mesh's 'pair' axis
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise CoditError(f"mode {self.mode!r} is not one of {', '.join(MODES)}.")
+    check_sampling(self.mode, self.alpha, self.beta, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
     if self.pair_parallel and self.mode != "codit":
       raise CoditError("pair_parallel runs the two models of a pair side by side: it needs mode 'codit'.")
-    if not 0 < self.alpha <= 1:
-      raise CoditError(f"alpha must be in (0, 1]; got {self.alpha}.")
-    if self.temperature < 0:
-      raise CoditError(f"temperature must be >= 0 (0 is greedy); got {self.temperature}.")
-    if not 0 < self.top_p <= 1:
-      raise CoditError(f"top_p must be in (0, 1]; got {self.top_p}.")
-    if self.top_k < 0 or self.max_new_tokens < 1:
-      raise CoditError("top_k must be >= 0 (0 is off) and max_new_tokens >= 1.")
     if not self.end_ids:
       raise CoditError("no end token ids: the post-trained model's generation_config and tokenizer name none.")
 
 
-class BatchOutput(NamedTuple):
-  """What one batch produced; arrays of shape (b, max_new_tokens) or (b,)."""
+def check_sampling(mode, alpha, beta, temperature, top_p, top_k, max_new_tokens) -> None:
+  """Refuses decoding settings out of range, naming the config key (before any model is loaded)."""
+  if mode not in MODES:
+    raise CoditError(f"mode {mode!r} is not one of {', '.join(MODES)}: set --config.mode=codit or direct.")
+  if not 0 < alpha <= 1:
+    raise CoditError(f"alpha must be in (0, 1] (the published value is 0.01); got {alpha}.")
+  if beta < 0:
+    raise CoditError(f"beta must be >= 0 (the published value is 1.0); got {beta}.")
+  if temperature < 0:
+    raise CoditError(f"temperature must be >= 0 (0 is greedy); got {temperature}.")
+  if not 0 < top_p <= 1:
+    raise CoditError(f"top_p must be in (0, 1]; got {top_p}.")
+  if top_k < 0:
+    raise CoditError(f"top_k must be >= 0 (0 is off); got {top_k}.")
+  if max_new_tokens < 1:
+    raise CoditError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
 
-  tokens: jax.Array  # emitted ids, the end token included; 0 after it
-  num_tokens: jax.Array  # emitted per row, the end token included
-  stopped: jax.Array  # the row drew an end token
-  post_logprobs: jax.Array  # each emitted token under the unmodified post-trained distribution
-  pre_logprobs: jax.Array  # ... and the pre-trained one (zeros in direct mode)
-  steps: jax.Array  # decode steps the loop ran
+
+class Rows(NamedTuple):
+  """Per-slot state of the running batch, each (B,). A row's cache write index and rope position
+  are in the KV caches (`KVCache.index`, `.next_position`, the same in both models)."""
+
+  token: jax.Array  # the last token drawn: the next step's input
+  emitted: jax.Array  # tokens emitted so far, the end token included
+  done: jax.Array  # the slot is free: its row stopped, or it never held one
+  hash: jax.Array  # the example's hash, for its sampling keys
 
 
-class _LoopState(NamedTuple):
-  step: jax.Array
-  token: jax.Array
-  caches: object  # (post cache, pre cache), or one stacked cache with pair_parallel
-  out: BatchOutput
+class Outputs(NamedTuple):
+  """What each slot's row emitted, (B, max_new_tokens): its first `emitted` entries (the end token
+  included); each token's log-prob under the unmodified post- and pre-trained distributions (pre: 0
+  in direct mode) and under the contrastive one (log_softmax of the CoDIT score, before temperature;
+  the post-trained one in direct mode)."""
+
+  tokens: jax.Array
+  post_logprobs: jax.Array
+  pre_logprobs: jax.Array
+  codit_logprobs: jax.Array
+
+
+class DecodeState(NamedTuple):
+  """The running batch on the devices."""
+
+  caches: object  # (post KVCache, pre KVCache or None); one stacked KVCache with pair_parallel
+  rows: Rows
+  out: Outputs
+
+
+class ChunkReport(NamedTuple):
+  """What the host reads after a chunk (replicated, so every process reads the same)."""
+
+  done: jax.Array  # (B,)
+  steps: jax.Array  # decode steps the chunk ran
+  live_slot_steps: jax.Array  # sum over those steps of the live rows: the useful slot-steps
 
 
 def _over_pair(stacked: Decoder, fn, *stacked_args):
@@ -100,7 +151,7 @@ def _over_pair(stacked: Decoder, fn, *stacked_args):
 
 
 def _prefill_models(post, pre, tokens, mask, max_len: int, settings: DecodeSettings):
-  """(post logits, pre logits or None, caches) after the prompt."""
+  """(post logits, pre logits or None, caches) after the prompts."""
   if settings.pair_parallel:
     logits, caches = _over_pair(post, lambda model: prefill(model, tokens, mask, max_len))
     return logits[0], logits[1], caches
@@ -109,89 +160,196 @@ def _prefill_models(post, pre, tokens, mask, max_len: int, settings: DecodeSetti
   return post_logits, pre_logits, (post_cache, pre_cache)
 
 
-def _step_models(post, pre, token, caches, settings: DecodeSettings):
+def _step_models(post, pre, token, caches, live, settings: DecodeSettings):
   """One decode step of the model(s): (post logits, pre logits or None, caches)."""
   if settings.pair_parallel:
-    # The write slot is the same for both models: kept out of the vmap, so that the blocks a
-    # step reads (DECODE_BLOCK) are a plain loop, not one batched over the pair.
+    # Write slots and live rows are the same for both models: kept out of the vmap, so that the
+    # blocks a step reads (DECODE_BLOCK) are a plain loop, not one batched over the pair.
     index = caches.index[0]
-    logits, caches = _over_pair(post, lambda model, cache: decode_step(model, token, cache._replace(index=index)),
-                                caches)
+    logits, caches = _over_pair(
+        post, lambda model, cache: decode_step(model, token, cache._replace(index=index), live), caches)
     return logits[0], logits[1], caches
-  post_logits, post_cache = decode_step(post, token, caches[0])
-  pre_logits, pre_cache = decode_step(pre, token, caches[1]) if settings.mode == "codit" else (None, None)
+  post_logits, post_cache = decode_step(post, token, caches[0], live)
+  pre_logits, pre_cache = decode_step(pre, token, caches[1], live) if settings.mode == "codit" else (None, None)
   return post_logits, pre_logits, (post_cache, pre_cache)
 
 
-def _choose(settings: DecodeSettings, post_logits, pre_logits, seed, hashes, step):
-  """Scores one step and draws a token per row: (token, its post log-prob, its pre log-prob)."""
+def _choose(settings: DecodeSettings, post_logits, pre_logits, seed, hashes, steps):
+  """Scores one step and draws a token per row: (token, its post, pre and contrastive log-probs)."""
   lp_post = log_probs(post_logits, settings.vocab_size)
   if settings.mode == "codit":
     lp_pre = log_probs(pre_logits, settings.vocab_size)
     score = codit_score(lp_post, lp_pre, settings.alpha, settings.beta)
   else:
     lp_pre, score = None, lp_post
-  keys = sampling.step_keys(seed, hashes, step)
-  token = sampling.sample(score, keys, settings.temperature, settings.top_p, settings.top_k)
+  token = sampling.sample(score, sampling.step_keys(seed, hashes, steps), settings.temperature, settings.top_p,
+                          settings.top_k)
   pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
-  return token, pick(lp_post), pick(lp_pre) if lp_pre is not None else jnp.zeros_like(token, jnp.float32)
+  lp_codit = pick(jax.nn.log_softmax(score, axis=-1)) if settings.mode == "codit" else pick(lp_post)
+  return token, pick(lp_post), pick(lp_pre) if lp_pre is not None else jnp.zeros_like(lp_codit), lp_codit
 
 
-def _record(out: BatchOutput, step, token, lp_post, lp_pre, end_ids) -> BatchOutput:
-  """Writes step `step`'s draws into the output; rows already stopped stay as they were."""
-  active = ~out.stopped
-  token = jnp.where(active, token, 0)
-  column = lambda buf, value: jax.lax.dynamic_update_slice(buf, value[:, None].astype(buf.dtype), (0, step))  # noqa: E731
-  return out._replace(
-      tokens=column(out.tokens, token),
-      num_tokens=out.num_tokens + active.astype(jnp.int32),
-      stopped=out.stopped | (active & jnp.isin(token, end_ids)),
-      post_logprobs=column(out.post_logprobs, jnp.where(active, lp_post, 0.0)),
-      pre_logprobs=column(out.pre_logprobs, jnp.where(active, lp_pre, 0.0)),
-      steps=step + 1,
-  )
+# ---- The state's layout on the mesh: every program leaves it in the same shardings, so that one
+# compiled decode program serves the whole run.
+
+def _state_specs(state: DecodeState, mesh: Mesh, pair_parallel: bool):
+  """PartitionSpecs of the state: slots over 'data', the caches' kv heads over 'model', the pair
+  axis (with pair_parallel) over 'pair'."""
+  lead = (parallel.PAIR,) if pair_parallel else ()
+
+  def cache_spec(leaf, kv_heads_axis: bool):
+    dims = leaf.shape[len(lead):]
+    spec = (parallel.DATA, parallel.MODEL) if kv_heads_axis else (parallel.DATA,)
+    return P(*lead, *parallel.fit_spec(spec, dims, mesh))
+
+  def caches_specs(cache: KVCache | None):
+    if cache is None:
+      return None
+    return KVCache(keys=tuple(cache_spec(k, True) for k in cache.keys),
+                   values=tuple(cache_spec(v, True) for v in cache.values),
+                   key_valid=cache_spec(cache.key_valid, False), next_position=cache_spec(cache.next_position, False),
+                   index=cache_spec(cache.index, False))
+
+  caches = caches_specs(state.caches) if pair_parallel else tuple(caches_specs(c) for c in state.caches)
+  rows = jax.tree.map(lambda x: parallel.fit_spec((parallel.DATA,), x.shape, mesh), state.rows)
+  out = jax.tree.map(lambda x: parallel.fit_spec((parallel.DATA,), x.shape, mesh), state.out)
+  return DecodeState(caches, rows, out)
 
 
-def _generate_batch(post: Decoder, pre: Decoder | None, tokens, mask, active, hashes, seed,
-                    settings: DecodeSettings) -> BatchOutput:
-  b, prompt_len = tokens.shape
+def _constrain(state: DecodeState, mesh: Mesh | None, pair_parallel: bool) -> DecodeState:
+  if mesh is None:
+    return state
+  specs = _state_specs(state, mesh, pair_parallel)
+  return jax.tree.map(lambda spec, x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec)), specs, state,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def _replicated(x, mesh: Mesh | None):
+  return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
+
+
+# ---- The three programs.
+
+def _empty_cache(model: Decoder, slots: int, length: int, stacked: bool) -> KVCache:
+  cfg = model.cfg
+  dtype = model.embed_tokens.embedding[...].dtype
+  lead = (2,) if stacked else ()
+  zeros = lambda *shape, dtype=dtype: jnp.zeros(lead + shape, dtype)  # noqa: E731
+  return KVCache(
+      keys=tuple(zeros(slots, cfg.num_kv_heads, cfg.head_dim, length) for _ in range(cfg.num_layers)),
+      values=tuple(zeros(slots, cfg.num_kv_heads, length, cfg.head_dim) for _ in range(cfg.num_layers)),
+      key_valid=zeros(slots, length, dtype=jnp.bool_), next_position=zeros(slots, dtype=jnp.int32),
+      index=zeros(slots, dtype=jnp.int32))
+
+
+def _init_state(post: Decoder, pre: Decoder | None, *, settings: DecodeSettings, slots: int, cache_len: int,
+                mesh: Mesh | None) -> DecodeState:
+  if settings.pair_parallel:
+    caches = _empty_cache(post, slots, cache_len, stacked=True)
+  else:
+    caches = (_empty_cache(post, slots, cache_len, False),
+              _empty_cache(pre, slots, cache_len, False) if pre is not None else None)
+  rows = Rows(token=jnp.zeros((slots,), jnp.int32), emitted=jnp.zeros((slots,), jnp.int32),
+              done=jnp.ones((slots,), bool), hash=jnp.zeros((slots,), jnp.int32))
   n = settings.max_new_tokens
-  max_len = cache_length(prompt_len + n)
+  out = Outputs(*(jnp.zeros((slots, n), dtype) for dtype in (jnp.int32, jnp.float32, jnp.float32, jnp.float32)))
+  return _constrain(DecodeState(caches, rows, out), mesh, settings.pair_parallel)
+
+
+def _admit(post, pre, state: DecodeState, tokens, mask, hashes, slots, seed, *, settings: DecodeSettings,
+           mesh: Mesh | None) -> DecodeState:
+  """Prefills a group of prompts (tokens, mask: (G, bucket), left-padded), draws each one's first token
+  and puts it into its slot (slots: (G,); B for padding rows, which the scatter drops)."""
+  cache_len = (state.caches.key_valid if settings.pair_parallel else state.caches[0].key_valid).shape[-1]
+  post_logits, pre_logits, group_caches = _prefill_models(post, pre, tokens, mask, cache_len, settings)
+  token, lp_post, lp_pre, lp_codit = _choose(settings, post_logits, pre_logits, seed, hashes, 0)
   end_ids = jnp.asarray(settings.end_ids, jnp.int32)
-  post_logits, pre_logits, caches = _prefill_models(post, pre, tokens, mask, max_len, settings)
-  out = BatchOutput(
-      tokens=jnp.zeros((b, n), jnp.int32), num_tokens=jnp.zeros((b,), jnp.int32),
-      stopped=~active,  # filler rows of a partial batch start stopped
-      post_logprobs=jnp.zeros((b, n), jnp.float32), pre_logprobs=jnp.zeros((b, n), jnp.float32),
-      steps=jnp.asarray(0, jnp.int32))
-  token, lp_post, lp_pre = _choose(settings, post_logits, pre_logits, seed, hashes, 0)
-  out = _record(out, 0, token, lp_post, lp_pre, end_ids)
-
-  def keep_going(state: _LoopState):
-    return (state.step < n) & ~jnp.all(state.out.stopped)
-
-  def one_step(state: _LoopState) -> _LoopState:
-    post_logits, pre_logits, caches = _step_models(post, pre, state.token, state.caches, settings)
-    token, lp_post, lp_pre = _choose(settings, post_logits, pre_logits, seed, hashes, state.step)
-    out = _record(state.out, state.step, token, lp_post, lp_pre, end_ids)
-    return _LoopState(state.step + 1, token, caches, out)
-
-  state = jax.lax.while_loop(keep_going, one_step, _LoopState(jnp.asarray(1, jnp.int32), token, caches, out))
-  return state.out
+  group = tokens.shape[0]
+  rows = Rows(token=token, emitted=jnp.ones((group,), jnp.int32),
+              done=jnp.isin(token, end_ids) | (settings.max_new_tokens == 1), hash=hashes)
+  first = lambda value, dtype: jnp.zeros((group, settings.max_new_tokens), dtype).at[:, 0].set(value)  # noqa: E731
+  out = Outputs(first(token, jnp.int32), first(lp_post, jnp.float32), first(lp_pre, jnp.float32),
+                first(lp_codit, jnp.float32))
+  into = lambda full, part: full.at[slots].set(part, mode="drop")  # noqa: E731
+  into_pair = lambda full, part: full.at[:, slots].set(part, mode="drop")  # noqa: E731
+  caches = jax.tree.map(into_pair if settings.pair_parallel else into, state.caches, group_caches)
+  new = DecodeState(caches, jax.tree.map(into, state.rows, rows), jax.tree.map(into, state.out, out))
+  return _constrain(new, mesh, settings.pair_parallel)
 
 
-generate_batch = jax.jit(_generate_batch, static_argnames=("settings",))
+def _decode_chunk(post, pre, state: DecodeState, seed, min_free, *, settings: DecodeSettings, chunk_steps: int,
+                  mesh: Mesh | None) -> tuple[DecodeState, ChunkReport]:
+  """Up to chunk_steps decode steps of every live row; leaves early once min_free slots are free."""
+  end_ids = jnp.asarray(settings.end_ids, jnp.int32)
+  n = settings.max_new_tokens
+  slots = state.rows.done.shape[0]
+
+  def keep_going(carry):
+    step, _, st = carry
+    return (step < chunk_steps) & ~jnp.all(st.rows.done) & (jnp.sum(st.rows.done) < min_free)
+
+  def one_step(carry):
+    step, live_steps, st = carry
+    rows, live = st.rows, ~st.rows.done
+    post_logits, pre_logits, caches = _step_models(post, pre, rows.token, st.caches, live, settings)
+    token, *logprobs = _choose(settings, post_logits, pre_logits, seed, rows.hash, rows.emitted)
+    column = jnp.where(live, rows.emitted, n)  # out of bounds for rows not live: dropped
+    write = lambda buf, value: buf.at[jnp.arange(slots), column].set(value.astype(buf.dtype), mode="drop")  # noqa: E731
+    out = Outputs(*(write(buf, value) for buf, value in zip(st.out, (token, *logprobs))))
+    emitted = rows.emitted + live.astype(jnp.int32)
+    done = rows.done | (live & (jnp.isin(token, end_ids) | (emitted >= n)))
+    rows = Rows(token=jnp.where(live, token, rows.token), emitted=emitted, done=done, hash=rows.hash)
+    return step + 1, live_steps + jnp.sum(live.astype(jnp.int32)), DecodeState(caches, rows, out)
+
+  zero = jnp.asarray(0, jnp.int32)
+  steps, live_steps, state = jax.lax.while_loop(keep_going, one_step, (zero, zero, state))
+  report = ChunkReport(_replicated(state.rows.done, mesh), _replicated(steps, mesh), _replicated(live_steps, mesh))
+  return _constrain(state, mesh, settings.pair_parallel), report
+
+
+init_state = jax.jit(_init_state, static_argnames=("settings", "slots", "cache_len", "mesh"))
+admit = jax.jit(_admit, static_argnames=("settings", "mesh"), donate_argnames=("state",))
+decode_chunk = jax.jit(_decode_chunk, static_argnames=("settings", "chunk_steps", "mesh"), donate_argnames=("state",))
 
 
 @dataclasses.dataclass
 class Completion:
-  """One finished example. Tokens and log-probs exclude the end token."""
+  """One finished example. Tokens and per-token log-probs exclude the end token."""
 
   id: str
   tokens: list[int]
   finish_reason: str  # 'stop' | 'length'
   post_logprobs: list[float]
   pre_logprobs: list[float]  # empty in direct mode
+  codit_logprobs: list[float]  # under the contrastive distribution (the post-trained one in direct mode)
+  end_codit_logprob: float | None  # the end token's contrastive log-prob; None when the row ran out of tokens
+
+
+@dataclasses.dataclass
+class EngineStats:
+  """Running totals of a run, for progress lines and benchmarks."""
+
+  prompts_done: int = 0  # rows finished (all processes)
+  generated_tokens: int = 0  # emitted tokens, the end tokens included (all processes)
+  seconds: float = 0.0  # on the devices' programs and the host loop, from the first admit
+  slot_steps: int = 0  # B x decode steps run
+  live_slot_steps: int = 0  # of those, the steps of a live row
+  waiting_slot_steps: int = 0  # slot-steps of the chunks run while prompts were waiting
+  waiting_live_slot_steps: int = 0
+  live_slots: int = 0  # rows running after the last chunk
+
+  @property
+  def utilization(self) -> float:
+    """Useful slot-steps over slot-steps run."""
+    return self.live_slot_steps / self.slot_steps if self.slot_steps else math.nan
+
+  @property
+  def utilization_while_waiting(self) -> float:
+    return self.waiting_live_slot_steps / self.waiting_slot_steps if self.waiting_slot_steps else math.nan
+
+  @property
+  def tokens_per_second(self) -> float:
+    return self.generated_tokens / self.seconds if self.seconds else math.nan
 
 
 def prompt_buckets(max_prompt_len: int, min_bucket: int = 32) -> tuple[int, ...]:
@@ -218,13 +376,17 @@ def check_vocabularies(post_tokenizer, pre_tokenizer, post_source: str = "post_t
 
 
 class Engine:
-  """Generates completions for prompts (already tokenized) with one model (direct) or a pair (CoDIT).
+  """Decodes prompts (already tokenized) with one model (direct) or a pair (CoDIT), continuously batched.
 
   With settings.pair_parallel, `post` is the pair from `checkpoints.load_pair` and `pre` is None.
+  batch_size: the slots of the running batch. chunk_steps: the most decode steps between two looks
+  of the host at the batch. admit_tokens: about how many prompt tokens one admit program prefills
+  (its group size per bucket; at most batch_size / 8 rows, so that a refill waits for few free slots).
   """
 
   def __init__(self, post: Decoder, pre: Decoder | None, settings: DecodeSettings, *, batch_size: int,
-               max_prompt_len: int, seed: int = 0, mesh: Mesh | None = None, min_bucket: int = 32):
+               max_prompt_len: int, seed: int = 0, mesh: Mesh | None = None, min_bucket: int = 32,
+               chunk_steps: int = 32, admit_tokens: int = 1024):
     if settings.pair_parallel:
       if pre is not None or mesh is None or parallel.PAIR not in mesh.shape:
         raise CoditError("pair_parallel takes both models as one stacked pair (checkpoints.load_pair) in "
@@ -236,86 +398,127 @@ class Engine:
         raise CoditError(
             f"the {name} model's embedding has {model.cfg.vocab_size} rows, fewer than the tokenizer's "
             f"{settings.vocab_size} tokens: the checkpoint and its tokenizer do not belong together.")
+    if batch_size < 1 or chunk_steps < 1 or admit_tokens < 1:
+      raise CoditError("batch_size, chunk_steps and admit_tokens must be at least 1.")
     self.post, self.pre = post, (pre if settings.mode == "codit" else None)
     self.settings, self.batch_size, self.seed, self.mesh = settings, batch_size, seed, mesh
+    self.chunk_steps, self.admit_tokens = chunk_steps, admit_tokens
     self.max_prompt_len = max_prompt_len
     self.buckets = prompt_buckets(max_prompt_len, min(min_bucket, max_prompt_len))
-    self.generated_tokens = 0
-    self.seconds = 0.0
+    self.cache_len = cache_length(self.buckets[-1] + settings.max_new_tokens)
+    self.stats = EngineStats()
 
   def bucket_for(self, length: int) -> int:
     if length > self.max_prompt_len:
       raise CoditError(f"prompt of {length} tokens exceeds max_prompt_len {self.max_prompt_len}.")
     return next(b for b in self.buckets if b >= length)
 
-  def generate(self, examples: Sequence[tuple[str, Sequence[int]]]) -> list[Completion]:
-    """Completions for (id, prompt ids) pairs, in the given order."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][1]))
-    results: list[Completion | None] = [None] * len(examples)
-    for start in range(0, len(order), self.batch_size):
-      chunk = [examples[i] for i in order[start:start + self.batch_size]]
-      for i, completion in zip(order[start:start + self.batch_size], self.run_batch(chunk)):
-        results[i] = completion
-    return results
+  def group_size(self, bucket: int) -> int:
+    """Rows of one admit program for prompts of `bucket` tokens."""
+    return max(1, min(self.batch_size // 8, self.admit_tokens // bucket))
 
-  def run_batch(self, chunk: Sequence[tuple[str, Sequence[int]]]) -> list[Completion]:
-    """Decodes one batch of at most batch_size (id, prompt ids); completions of this process's rows.
+  def run(self, examples: Sequence[tuple[str, Sequence[int]]],
+          on_chunk: Callable[[EngineStats], None] | None = None) -> Iterator[Completion]:
+    """Completions of (id, prompt ids) pairs, as their rows finish (this process's rows only).
 
-    Every process of a multi-process run calls this with the same batch; each
-    supplies the rows of its devices and gets their completions back (all rows
-    in a single-process run), in batch order.
+    Every process of a multi-process run calls this with the same examples; each
+    gets back the rows that its devices decoded. Prompts are admitted shortest
+    first. on_chunk(stats) is called after every decode chunk.
     """
-    if len(chunk) > self.batch_size:
-      raise ValueError(f"a batch of {len(chunk)} examples exceeds batch_size {self.batch_size}")
-    bucket = self.bucket_for(max(len(ids) for _, ids in chunk))
-    b = self.batch_size
-    tokens = np.zeros((b, bucket), np.int32)
-    mask = np.zeros((b, bucket), np.int32)
-    for row, (_, ids) in enumerate(chunk):
+    for _, ids in examples:
+      self.bucket_for(len(ids))
+    waiting = deque(sorted(examples, key=lambda e: len(e[1])))
+    occupant: list[tuple[str, Sequence[int]] | None] = [None] * self.batch_size
+    seed = np.int32(self.seed)
+    started = time.perf_counter()
+    state = init_state(self.post, self.pre, settings=self.settings, slots=self.batch_size,
+                       cache_len=self.cache_len, mesh=self.mesh)
+    while waiting or any(o is not None for o in occupant):
+      free = [s for s, o in enumerate(occupant) if o is None]
+      while waiting and free:
+        bucket = self.bucket_for(len(waiting[0][1]))
+        size = self.group_size(bucket)
+        group = []
+        while waiting and len(group) < min(size, len(free)) and self.bucket_for(len(waiting[0][1])) == bucket:
+          group.append(waiting.popleft())
+        targets, free = free[:len(group)], free[len(group):]
+        state = admit(self.post, self.pre, state, *self._group_inputs(group, targets, bucket, size), seed,
+                      settings=self.settings, mesh=self.mesh)
+        for example, slot in zip(group, targets):
+          occupant[slot] = example
+      min_free = min(self.group_size(self.bucket_for(len(waiting[0][1]))), len(waiting)) if waiting else \
+          self.batch_size
+      state, report = decode_chunk(self.post, self.pre, state, seed, np.int32(min_free), settings=self.settings,
+                                   chunk_steps=self.chunk_steps, mesh=self.mesh)
+      done = np.asarray(report.done)
+      finished = [s for s, o in enumerate(occupant) if o is not None and done[s]]
+      self._count(report, bool(waiting))
+      if finished:
+        yield from self._completions(state, finished, occupant)
+        for s in finished:
+          occupant[s] = None
+      self.stats.live_slots = sum(o is not None for o in occupant)
+      self.stats.seconds = time.perf_counter() - started
+      if on_chunk is not None:
+        on_chunk(self.stats)
+
+  def _group_inputs(self, group, targets, bucket: int, size: int):
+    tokens = np.zeros((size, bucket), np.int32)
+    mask = np.zeros((size, bucket), np.int32)
+    hashes = np.zeros((size,), np.int32)
+    slots = np.full((size,), self.batch_size, np.int32)  # padding rows: out of bounds, dropped
+    for row, ((example_id, ids), slot) in enumerate(zip(group, targets)):
       tokens[row, bucket - len(ids):] = ids
       mask[row, bucket - len(ids):] = 1
-    active = np.arange(b) < len(chunk)
-    hashes = np.zeros((b,), np.int32)
-    hashes[:len(chunk)] = sampling.example_hashes([i for i, _ in chunk])
-    inputs = [self._place(x) for x in (tokens, mask, active, hashes)]
-    started = time.perf_counter()
-    out = generate_batch(self.post, self.pre, *inputs, jnp.asarray(self.seed, jnp.int32), settings=self.settings)
-    generated = int(jnp.sum(out.num_tokens))  # a collective in multi-process runs: every process calls it
-    # With pair_parallel both halves of the devices hold every row: the post-trained half reports them.
-    reporting = set(self.mesh.devices[0].flat) if self.settings.pair_parallel else None
-    rows = {name: _local_rows(value, reporting) for name, value in out._asdict().items() if name != "steps"}
-    self.seconds += time.perf_counter() - started
-    self.generated_tokens += generated
-    return [self._completion(chunk[row][0], {name: r[row] for name, r in rows.items()})
-            for row in sorted(rows["tokens"]) if row < len(chunk)]
+      hashes[row] = sampling.example_hash(example_id)
+      slots[row] = slot
+    return [self._replicate(x) for x in (tokens, mask, hashes, slots)]
 
-  def _place(self, array: np.ndarray):
+  def _replicate(self, array: np.ndarray):
     if self.mesh is None:
       return jnp.asarray(array)
-    # From a callback, so each process places only the rows of its own devices.
-    sharding = parallel.batch_sharding(self.mesh, array.shape)
-    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+    # The same group on every process: each places its devices' copies.
+    return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, P()), lambda index: array[index])
 
-  def _completion(self, example_id, row: dict) -> Completion:
-    stopped = bool(row["stopped"])
-    n = int(row["num_tokens"]) - (1 if stopped else 0)  # drop the end token
+  def _count(self, report: ChunkReport, waiting: bool) -> None:
+    steps, live = int(report.steps), int(report.live_slot_steps)
+    stats = self.stats
+    stats.slot_steps += steps * self.batch_size
+    stats.live_slot_steps += live
+    stats.generated_tokens += live
+    if waiting:
+      stats.waiting_slot_steps += steps * self.batch_size
+      stats.waiting_live_slot_steps += live
+
+  def _completions(self, state: DecodeState, finished: list[int], occupant) -> Iterator[Completion]:
+    # With pair_parallel both halves of the devices hold every row: the post-trained half reports them.
+    reporting = set(self.mesh.devices[0].flat) if self.settings.pair_parallel else None
+    emitted = _local_rows(state.rows.emitted, reporting)
+    local = [s for s in finished if s in emitted]
+    outputs = {name: _local_rows(value, reporting) for name, value in state.out._asdict().items()} if local else {}
+    self.stats.prompts_done += len(finished)
+    self.stats.generated_tokens += len(finished)  # each row's first token, drawn at its admission
+    for s in local:
+      yield self._completion(occupant[s][0], int(emitted[s]), {name: rows[s] for name, rows in outputs.items()})
+
+  def _completion(self, example_id: str, emitted: int, row: dict) -> Completion:
+    stopped = int(row["tokens"][emitted - 1]) in self.settings.end_ids
+    n = emitted - 1 if stopped else emitted  # drop the end token
     return Completion(
         id=example_id,
         tokens=row["tokens"][:n].tolist(),
         finish_reason="stop" if stopped else "length",
         post_logprobs=row["post_logprobs"][:n].tolist(),
         pre_logprobs=row["pre_logprobs"][:n].tolist() if self.settings.mode == "codit" else [],
+        codit_logprobs=row["codit_logprobs"][:n].tolist(),
+        end_codit_logprob=float(row["codit_logprobs"][n]) if stopped else None,
     )
-
-  @property
-  def tokens_per_second(self) -> float:
-    return self.generated_tokens / self.seconds if self.seconds else math.nan
 
 
 def _local_rows(array: jax.Array, devices: set | None = None) -> dict[int, np.ndarray]:
   """{row index: row} for the rows of a batch-sharded array that live on this process's devices
   (only those among `devices`, if given)."""
-  if array.is_fully_addressable:
+  if array.is_fully_addressable and devices is None:
     return dict(enumerate(np.asarray(array)))
   rows = {}
   for shard in array.addressable_shards:

@@ -23,9 +23,11 @@ def example_hashes(example_ids) -> np.ndarray:
 
 
 def step_keys(seed, hashes, step):
-  """(b,) keys for one decode step: one per example."""
+  """(b,) keys for one decode step: one per example; step is each example's own token index (b,),
+  or one shared by all."""
   base = jax.random.key(seed)
-  return jax.vmap(lambda h: jax.random.fold_in(jax.random.fold_in(base, h), step))(hashes)
+  steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), jnp.shape(hashes))
+  return jax.vmap(lambda h, t: jax.random.fold_in(jax.random.fold_in(base, h), t))(hashes, steps)
 
 
 def filter_top_k(score, top_k: int):

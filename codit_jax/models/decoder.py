@@ -27,7 +27,7 @@ from flax import nnx
 
 from codit_jax import parallel
 from codit_jax.models import moe
-from codit_jax.models.config import SLIDING_ATTENTION, ModelConfig
+from codit_jax.models.config import ModelConfig
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) then
 # softmaxes to uniform instead of NaN; its output is never used.
@@ -111,18 +111,18 @@ class Attention(nnx.Module):
     self.layer_type = cfg.layer_types[layer_index]
 
   def __call__(self, x, positions, mask, cache=None, cache_index=None):
-    """x: (b, s, hidden); mask: (b, s, keys) bool. Returns (output, (keys, values)).
+    """x: (b, s, hidden). Returns (output, (keys, values)).
 
-    Without a cache the keys/values are this sequence's; with a cache
-    (keys (b, kv_heads, head_dim, max_len), values (b, kv_heads, max_len,
-    head_dim)) the new entries are written at `cache_index` and attention reads
-    the cache (a decode step only its blocks that can hold visible keys: see
-    DECODE_BLOCK). Both are heads-major so that attention reads the cache in
-    its stored layout (with (b, max_len, heads, d), XLA transposes the whole
-    cache at every decode step), and keys are stored transposed so that the
-    scores of a decode step reduce over a leading axis and write the long key
-    axis contiguously: on XLA:CPU that step is ~5x faster than reducing over
-    head_dim, the innermost axis.
+    Without a cache, mask is (b, s, keys) bool and the keys/values are this
+    sequence's. With a cache (a decode step, s == 1: keys (b, kv_heads, head_dim,
+    max_len), values (b, kv_heads, max_len, head_dim)) each row's new entries are
+    written at its own slot cache_index[row], and mask is a `StepMask`: attention
+    reads the cache, by blocks where it is long (`attend_step`). Both are
+    heads-major so that attention reads the cache in its stored layout (with
+    (b, max_len, heads, d), XLA transposes the whole cache at every decode step),
+    and keys are stored transposed so that the scores of a decode step reduce
+    over a leading axis and write the long key axis contiguously: on XLA:CPU
+    that step is ~5x faster than reducing over head_dim, the innermost axis.
     """
     cfg = self.cfg
     b, s, _ = x.shape
@@ -138,21 +138,24 @@ class Attention(nnx.Module):
     cos, sin = rotary_cos_sin(positions, inv_freq, rope_scale, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv_heads, d, s), (b, kv_heads, s, d)
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype), (0, 0, 0, cache_index))
-      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype), (0, 0, cache_index, 0))
-    scale, softcap, slots = cfg.query_scale, cfg.attn_logit_softcap, k.shape[-1]
-    if cache is not None and s == 1 and slots > DECODE_BLOCK and slots % DECODE_BLOCK == 0:
-      window = cfg.sliding_window if self.layer_type == SLIDING_ATTENTION else None
-      first, end = visible_blocks(cache_index, window)
-      # Block by block costs more per slot read (on XLA:CPU the whole-cache step reads ~1.8x
-      # faster), so once the visible blocks are over half the cache the step reads it whole.
-      out = jax.lax.cond(2 * (end - first) <= slots // DECODE_BLOCK,
-                         lambda: attend_visible_blocks(q, k, v, mask, scale, softcap, first, end),
-                         lambda: attend(q, k, v, mask, scale, softcap))
-    else:
+    scale, softcap = cfg.query_scale, cfg.attn_logit_softcap
+    if cache is None:
       out = attend(q, k, v, mask, scale, softcap)
+    else:  # one decode step: each row writes its key/value at its own slot, then reads its cache
+      k = write_slot(cache[0], k.astype(cache[0].dtype), cache_index, axis=3)
+      v = write_slot(cache[1], v.astype(cache[1].dtype), cache_index, axis=2)
+      out = attend_step(q, k, v, mask, scale, softcap)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
+
+
+def write_slot(cache, new, index, axis: int):
+  """cache with each row's `new` entry (size 1 on `axis`) written at that row's own slot index[row]:
+  a scatter of one slot per row, so the cost does not grow with the cache length."""
+  def one_row(row_cache, row_new, i):
+    start = [0] * row_cache.ndim
+    start[axis - 1] = i
+    return jax.lax.dynamic_update_slice(row_cache, row_new, start)
+  return jax.vmap(one_row)(cache, new, index)
 
 
 def attend(q, k, v, mask, scale, softcap):
@@ -176,23 +179,63 @@ def attend(q, k, v, mask, scale, softcap):
   return out.reshape(b, s, h, d)
 
 
-def visible_blocks(index, window: int | None):
-  """[first, end) of the DECODE_BLOCK-slot cache blocks that can hold a key visible to a query at
-  slot `index`: from the block of the window's first slot (slot 0 without a window) to index's."""
-  first_slot = 0 if window is None else jnp.maximum(index - window + 1, 0)
-  return first_slot // DECODE_BLOCK, index // DECODE_BLOCK + 1
+class StepMask(NamedTuple):
+  """Which cache slots the one query of each row sees in a decode step (a layer's window included).
 
-
-def attend_visible_blocks(q, k, v, mask, scale, softcap, first, end):
-  """attend() for a decode step (one query per row) that reads only cache blocks [first, end)
-  (`visible_blocks`). The softmax runs over the blocks online (a running maximum and sum, as in
-  flash attention): the same result as attend() up to float rounding.
-  q: (b,1,h,d); k: (b,kv,d,t); v: (b,kv,t,d); mask: (b,1,t).
+  key_valid: (b, t) slots that hold real tokens; index: (b,) each row's query slot;
+  window: the layer's sliding window or None; first, end: the DECODE_BLOCKs
+  [first, end) that a step reads, the union over the live rows of the blocks
+  that can hold a key visible to them (`step_block_range`).
   """
+
+  key_valid: jax.Array
+  index: jax.Array
+  window: int | None
+  first: jax.Array
+  end: jax.Array
+
+  def visible(self, start: int | jax.Array, size: int):
+    """(b, size) the slots [start, start + size) that each row's query sees."""
+    slots = start + jnp.arange(size)
+    seen = jax.lax.dynamic_slice_in_dim(self.key_valid, start, size, axis=1)
+    seen &= slots[None, :] <= self.index[:, None]
+    if self.window is not None:
+      seen &= slots[None, :] > self.index[:, None] - self.window
+    return seen
+
+
+def step_block_range(index, window: int | None, live=None):
+  """[first, end) of the DECODE_BLOCK-slot cache blocks that can hold a key visible to a query at
+  slot index[row] of any live row: from the block of the window's first slot (slot 0 without a
+  window) to the block of the query. Rows that are not live (finished, or empty slots) do not
+  widen it; their outputs are not used."""
+  first_slot = jnp.zeros_like(index) if window is None else jnp.maximum(index - window + 1, 0)
+  live = jnp.ones(index.shape, bool) if live is None else live
+  big = jnp.iinfo(jnp.int32).max
+  first = jnp.min(jnp.where(live, first_slot // DECODE_BLOCK, big))
+  end = jnp.max(jnp.where(live, index // DECODE_BLOCK + 1, 0))
+  return jnp.minimum(first, end), end
+
+
+def attend_step(q, k, v, mask: StepMask, scale, softcap):
+  """attend() for a decode step (one query per row) against the whole cache.
+
+  A cache of one block (or not a whole number of blocks) is read whole. A longer
+  one is read block by block over [mask.first, mask.end) only, with the softmax
+  run online (a running maximum and sum, as in flash attention). A row's result
+  does not depend on that range: a block with no key visible to the row leaves its
+  running values exactly as they were (exp of the masked score underflows to 0, or,
+  before the row's first visible block, is scaled to exactly 0 when that block comes),
+  so neighbours that widen the range change no bit of it, and a step's cost follows
+  the live rows' lengths, not the allocated cache length.
+  q: (b,1,h,d); k: (b,kv,d,t); v: (b,kv,t,d).
+  """
+  slots = k.shape[-1]
+  if slots <= DECODE_BLOCK or slots % DECODE_BLOCK:
+    return attend(q, k, v, mask.visible(0, slots)[:, None, :], scale, softcap)
   b, _, h, d = q.shape
   kv_heads = k.shape[1]
   q = q.reshape(b, kv_heads, h // kv_heads, d).astype(jnp.float32)
-  visible = mask[:, 0]
 
   def one_block(block, carry):
     top, total, out = carry  # running max and sum of exp(score - max), and the weighted values
@@ -202,11 +245,10 @@ def attend_visible_blocks(q, k, v, mask, scale, softcap, first, end):
     scores = jnp.sum(q[..., None] * keys[:, :, None], axis=-2) * scale  # (b, kv, g, block)
     if softcap:
       scores = jnp.tanh(scores / softcap) * softcap
-    seen = jax.lax.dynamic_slice_in_dim(visible, start, DECODE_BLOCK, axis=1)
-    scores = jnp.where(seen[:, None, None, :], scores, _MASKED)
+    scores = jnp.where(mask.visible(start, DECODE_BLOCK)[:, None, None, :], scores, _MASKED)
     new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
-    # Weights given while every key so far was masked are scaled to 0 here once a visible
-    # key arrives; the block of `index` always has one (the new token's own).
+    # Weights given while every key so far was masked are scaled to exactly 0 here once a
+    # visible key arrives; the block of a row's query always has one (the new token's own).
     rescale = jnp.exp(top - new_top)
     probs = jnp.exp(scores - new_top[..., None])
     total = total * rescale + jnp.sum(probs, axis=-1)
@@ -215,7 +257,7 @@ def attend_visible_blocks(q, k, v, mask, scale, softcap, first, end):
 
   init = (jnp.full(q.shape[:-1], _MASKED, jnp.float32), jnp.zeros(q.shape[:-1], jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  _, total, out = jax.lax.fori_loop(first, end, one_block, init)
+  _, total, out = jax.lax.fori_loop(mask.first, mask.end, one_block, init)
   return (out / total[..., None]).astype(v.dtype).reshape(b, 1, h, d)
 
 
@@ -351,24 +393,38 @@ class Decoder(nnx.Module):
         cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
     self.cfg = cfg
 
-  def __call__(self, tokens, positions, query_slots, key_valid, caches=None, cache_index=None,
-               segment_ids=None):
-    """Hidden states after the final norm, and per-layer (keys, values).
+  def __call__(self, tokens, positions, query_slots, key_valid, segment_ids=None):
+    """Hidden states after the final norm, and per-layer (keys, values), of whole sequences.
 
     tokens, positions: (b, s). query_slots: (s,) the key slot each query
-    occupies. key_valid: (b, t) which key slots hold real tokens.
-    segment_ids: optional (b, s), without a cache: rows packed with several
-    documents (training); a query then sees only keys of its own segment.
+    occupies. key_valid: (b, s) which slots hold real tokens.
+    segment_ids: optional (b, s), rows packed with several documents
+    (training); a query then sees only keys of its own segment.
     """
+    masks = {window: attention_mask(query_slots, key_valid, window) for window in self._windows()}
+    if segment_ids is not None:
+      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+      masks = {window: mask & same_segment for window, mask in masks.items()}
+    return self._layers(tokens, positions, masks)
+
+  def step(self, tokens, positions, cache_index, key_valid, caches, live=None):
+    """One decode step: tokens, positions, cache_index: (b,), each row's own; key_valid: (b, max_len)
+    with the new slots set; caches: per layer (keys, values). live: (b,) rows whose results are used
+    (None: all); only they decide which cache blocks the step reads."""
+    masks = {}
+    for window in self._windows():
+      first, end = step_block_range(cache_index, window, live)
+      masks[window] = StepMask(key_valid, cache_index, window, first, end)
+    return self._layers(tokens[:, None], positions[:, None], masks, caches, cache_index)
+
+  def _windows(self):
+    return {self.cfg.window_for(i) for i in range(self.cfg.num_layers)}
+
+  def _layers(self, tokens, positions, masks, caches=None, cache_index=None):
     cfg = self.cfg
     x = self.embed_tokens(tokens)
     if cfg.embed_scale != 1.0:
       x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the weight dtype, as transformers does
-    masks = {window: attention_mask(query_slots, key_valid, window)
-             for window in {cfg.window_for(i) for i in range(cfg.num_layers)}}
-    if segment_ids is not None:
-      same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-      masks = {window: mask & same_segment for window, mask in masks.items()}
     new_kv = []
     for i, layer in enumerate(self.layers):
       cache = None if caches is None else caches[i]
@@ -408,13 +464,14 @@ def positions_from_mask(attention_mask):
 
 
 class KVCache(NamedTuple):
-  """Static-shape cache of every layer's keys/values for a batch.
+  """Static-shape cache of every layer's keys/values, one row per sequence, each row on its own clock.
 
   keys: per layer (b, kv_heads, head_dim, max_len) (transposed: see
-  Attention); values: per layer (b, kv_heads, max_len, head_dim). key_valid: (b, max_len)
-  marks slots that hold real tokens (left padding stays False). next_position:
-  (b,) rope position of each row's next token. index: the slot the next token
-  is written to, shared by all rows because the batch is left-padded.
+  Attention); values: per layer (b, kv_heads, max_len, head_dim). key_valid:
+  (b, max_len) marks slots that hold real tokens (left padding stays False).
+  next_position: (b,) rope position of each row's next token. index: (b,) the
+  slot each row's next token is written to: rows of a continuous batch joined
+  at different times, so each has its own.
   """
 
   keys: tuple
@@ -438,7 +495,8 @@ def _forward_hidden(model, tokens, attention_mask):
 
 
 def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=None):
-  """Runs the prompt and returns (float32 logits of the last slot (b, vocab), KVCache of length max_len)."""
+  """Runs the left-padded prompts; returns (float32 logits of the last slot (b, vocab), KVCache of length
+  max_len whose every row continues at slot s, the padded prompt length)."""
   b, s = tokens.shape
   if s > max_len:
     raise ValueError(f"prompt length {s} exceeds the cache length {max_len}")
@@ -449,17 +507,21 @@ def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=No
   values = tuple(jnp.pad(v.astype(dtype), ((0, 0), (0, 0), (0, max_len - s), (0, 0))) for _, v in kv)
   key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
   next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
-  return logits, KVCache(keys, values, key_valid, next_position, jnp.asarray(s, jnp.int32))
+  return logits, KVCache(keys, values, key_valid, next_position, jnp.full((b,), s, jnp.int32))
 
 
-def decode_step(model: Decoder, tokens, cache: KVCache):
-  """Appends one token per row (tokens: (b,)); returns (float32 logits (b, vocab), updated cache)."""
-  key_valid = jax.lax.dynamic_update_slice(
-      cache.key_valid, jnp.ones((tokens.shape[0], 1), bool), (0, cache.index))
-  hidden, kv = model(
-      tokens[:, None], cache.next_position[:, None], cache.index[None], key_valid,
-      caches=list(zip(cache.keys, cache.values)), cache_index=cache.index)
+def decode_step(model: Decoder, tokens, cache: KVCache, live=None):
+  """Appends one token per row (tokens: (b,)); returns (float32 logits (b, vocab), updated cache).
+
+  live: optional (b,) bool, the rows being decoded; the others (finished rows,
+  empty slots of a continuous batch) stay where they are: their cache index and
+  position do not move and they do not widen the cache blocks a step reads.
+  """
+  index = cache.index
+  key_valid = write_slot(cache.key_valid[:, None], jnp.ones((tokens.shape[0], 1, 1), bool), index, axis=2)[:, 0]
+  hidden, kv = model.step(tokens, cache.next_position, index, key_valid, list(zip(cache.keys, cache.values)), live)
+  advance = 1 if live is None else live.astype(jnp.int32)
   new_cache = KVCache(
       keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv), key_valid=key_valid,
-      next_position=cache.next_position + 1, index=cache.index + 1)
+      next_position=cache.next_position + advance, index=index + advance)
   return model.logits(hidden[:, 0]), new_cache
