@@ -335,8 +335,11 @@ def test_other_settings_are_refused_naming_them_and_force_deletes_only_project_f
   make_dataset(folder)
   (folder / "notes.txt").write_text("mine")
   (folder / "parts" / "my-notes.txt").write_text("mine too")
+  (folder / "jsonl").mkdir()  # the previous writer's JSONL parts
+  (folder / "jsonl" / "00000.jsonl").write_text("{}\n")
   before = all_files(folder)
-  assert {"codit.jsonl", "shards.json", "run.json", "dataset_info.json", "parquet/train-00000.parquet"} <= before
+  assert {"codit.jsonl", "shards.json", "run.json", "dataset_info.json", "features.json",
+          "parquet/train-00000.parquet", "codit-train.tfrecord-00000"} <= before
   other = new_writer(folder, dict(SETTINGS, alpha=0.1, top_p=1.0))
   with pytest.raises(CoditError, match=r"other settings \(alpha: 0.01 -> 0.1; top_p: 0.9 -> 1.0\)"):
     other.check_claimable()
@@ -422,5 +425,5 @@ def test_an_unwritable_location(tmp_path, monkeypatch):
   w.claim()
   add(w, [1])
   monkeypatch.setattr(tf.io, "TFRecordWriter", read_only)  # the disk turns read-only mid-run
-  with pytest.raises(CoditError, match=r"cannot write to output_dir .* \(a read-only file system\)"):
+  with pytest.raises(CoditError, match=r"error in output_dir .* \(a read-only file system\): Read-only"):
     w.flush()

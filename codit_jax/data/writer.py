@@ -45,8 +45,9 @@ Record order. Within a shard, rows are in the order `add()` received them (the
 order rows finished on that process). Shards are in the order of shards.json:
 the shards an earlier finish() placed keep their indices; those new since are
 appended sorted by part name, i.e. by process, then run start, then write order
-within the run. The order of a resumed dataset therefore differs from an
-uninterrupted run's; the records of each id do not.
+within the run. codit.jsonl and parquet/ follow the same order. The order of a
+resumed dataset therefore differs from an uninterrupted run's; the records of
+each id do not.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ PLAN_FILE = "shards.json"
 JSONL_FILE = "codit.jsonl"
 PARTS_DIR = "parts"
 PARQUET_DIR = "parquet"
+LEGACY_JSONL_DIR = "jsonl"  # JSONL parts of the writer before this one (deleted by --force)
 TFDS_METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
 
 _INDEX_SUFFIX = ".index.json"
@@ -82,6 +84,7 @@ _PART_SUFFIXES = (".tfrecord", ".jsonl", ".parquet", _INDEX_SUFFIX)
 _PART_RE = re.compile(r"^p\d{5}-\d{13}-[0-9a-f]{8}-\d{5}")
 _SHARD_RE = re.compile(rf"^{DATASET_NAME}-{SPLIT}\.tfrecord-\d{{5,}}$")
 _PARQUET_RE = re.compile(rf"^{SPLIT}-\d{{5,}}\.parquet$")
+_LEGACY_JSONL_RE = re.compile(r"^\d{5,}\.jsonl$")
 _TMP = ".tmp-"
 _READ_THREADS = 16
 
@@ -259,12 +262,15 @@ class DatasetWriter:
     for name in _listdir(self._path(PARQUET_DIR)):
       if _PARQUET_RE.match(name.split(_TMP)[0]):
         found.append(posixpath.join(PARQUET_DIR, name))
+    for name in _listdir(self._path(LEGACY_JSONL_DIR)):
+      if _LEGACY_JSONL_RE.match(name.split(_TMP)[0]):
+        found.append(posixpath.join(LEGACY_JSONL_DIR, name))
     return found
 
   def _delete_project_files(self) -> None:
     for relative in self._project_files():
       tf.io.gfile.remove(self._path(relative))
-    for folder in (PARTS_DIR, PARQUET_DIR):  # removed only if nothing of the user's is inside
+    for folder in (PARTS_DIR, PARQUET_DIR, LEGACY_JSONL_DIR):  # only if nothing of the user's is inside
       path = self._path(folder)
       if tf.io.gfile.isdir(path) and not tf.io.gfile.listdir(path):
         tf.io.gfile.rmtree(path)
@@ -297,7 +303,8 @@ class DatasetWriter:
   def _encode(self, example: Mapping[str, Any], digest: str) -> _Row:
     """Serializes a row at once: far smaller than its Python lists of floats, and errors show early."""
     n = len(example["response_tokens"])
-    for key in ("post_logprobs", "codit_logprobs") + (("pre_logprobs",) if len(example["pre_logprobs"]) else ()):
+    per_token = ["post_logprobs", "codit_logprobs"] + (["pre_logprobs"] if len(example["pre_logprobs"]) else [])
+    for key in per_token:
       if len(example[key]) != n:
         raise ValueError(f"example {example['id']!r}: {key} has {len(example[key])} entries for {n} tokens")
     if example["finish_reason"] not in ("stop", "length"):
@@ -514,8 +521,8 @@ class _as_codit_error:  # pylint: disable=invalid-name
       return False
     if isinstance(e, (OSError, tf.errors.OpError)):
       hint = (" (a read-only file system)" if getattr(e, "errno", None) == errno.EROFS else "")
-      raise CoditError(f"cannot write to output_dir {self.output_dir}{hint}: {_reason(e)}. Choose a "
-                       "writable folder, or fix it and rerun the same command to resume.") from None
+      raise CoditError(f"file system error in output_dir {self.output_dir}{hint}: {_reason(e)}. "
+                       "Fix it and rerun the same command to resume, or choose a writable folder.") from None
     return False
 
 
