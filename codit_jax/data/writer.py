@@ -1,30 +1,66 @@
-"""The output of codit-generate: a TFDS dataset written shard by shard, resumably.
+"""The output of codit-generate: a TFDS dataset written as rows finish, keyed by example id.
 
-Layout of `output_dir`:
+Rows finish in any order, one at a time, in several processes. Each process
+buffers its finished rows and writes them as a shard every `rows_per_shard`
+rows and when it flushes (at the end, on Ctrl-C). A rerun asks `finished()`
+for the ids already written and decodes only the rest. At the end process 0
+calls `finish()`, which turns the folder into a TFDS dataset over every shard
+written so far, by any process and any earlier run.
 
-    run.json                          the settings that decide the dataset (resume guard)
-    codit-train.tfrecord-00000 ...    one shard per (batch, process), written atomically
-    jsonl/00000.jsonl ...             the same records in the reference layout (optional)
-    dataset_info.json, features.json, metadata.json    TFDS metadata, written at the end
-    codit.jsonl                       all JSONL parts in shard order (optional, at the end)
+Layout of `output_dir` (all files go through tf.io.gfile: a local folder or gs://):
 
-A shard is the unit of finished work. It is written to a temporary name and
-renamed into place, so a shard either exists whole or not at all, whatever
-moment the run is killed at. Batches are planned deterministically from the
-input, so a rerun recomputes exactly the missing shards and the finished
-dataset equals an uninterrupted run's. Shard k of a run with P processes holds
-process k % P's rows of batch k // P.
+    run.json                            the settings that decide the dataset (resume guard)
+    parts/<part>.tfrecord               a shard's records, until finish() gives it its TFDS name
+    parts/<part>.jsonl                  its records in the authors' JSONL layout (write_jsonl)
+    parts/<part>.parquet                its records as Parquet, until finish() moves it (write_parquet)
+    parts/<part>.index.json             its ids and prompt digests; written last: the shard's commit
+    shards.json                         finish()'s plan: the part of each TFDS shard index, in order
+    codit-train.tfrecord-00000 ...      the TFDS shards (after finish)
+    dataset_info.json, features.json    TFDS metadata (after finish)
+    parquet/train-00000.parquet ...     the Parquet files, one per TFDS shard (after finish, write_parquet)
+    codit.jsonl                         every JSONL part in shard order (after finish, write_jsonl)
 
-Files go through tf.io.gfile, so `output_dir` can be a local folder or gs://.
+`<part>` is `p{process:05d}-{run start, ms:013d}-{random}-{count:05d}`: unique between
+processes, and between a run and its resumptions, without any coordination.
+
+Kill safety. A shard is committed by its index file alone, and the index is
+written (to a temporary name, then renamed) only after the part's TFRecord,
+JSONL and Parquet files are whole and closed. So at any kill point a shard is
+either committed with all its files, or it is an orphan whose rows no index
+names: `finished()` does not report them, the rerun decodes them again into a
+new part, and `finish()` deletes the orphan. A row is never lost once its index
+exists, and never counted twice, because each id is in exactly one index (the
+engine only decodes ids `finished()` does not list; `finish()` refuses, naming
+them, if two indexes ever hold one id).
+`finish()` first extends the plan in shards.json (written atomically: old
+entries keep their indices, new parts are appended), then renames each planned
+part to its TFDS name. A rename is idempotent: where the part is gone and its
+TFDS name exists it was done already (a rename on gs:// is copy-then-delete,
+and both may exist: the copy is whole, so it is overwritten again). A killed
+finish() is completed by calling it again. Index files never move, so
+`finished()` reads the same ids before, during and after finish(): it lists
+parts/ and reads its small index files, never the TFRecords.
+
+Record order. Within a shard, rows are in the order `add()` received them (the
+order rows finished on that process). Shards are in the order of shards.json:
+the shards an earlier finish() placed keep their indices; those new since are
+appended sorted by part name, i.e. by process, then run start, then write order
+within the run. codit.jsonl and parquet/ follow the same order. The order of a
+resumed dataset therefore differs from an uninterrupted run's; the records of
+each id do not.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import errno
 import json
 import os
+import posixpath
 import re
+import time
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import tensorflow as tf
@@ -36,9 +72,21 @@ DATASET_NAME = "codit"
 SPLIT = "train"
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
 RUN_FILE = "run.json"
-JSONL_DIR = "jsonl"
+PLAN_FILE = "shards.json"
 JSONL_FILE = "codit.jsonl"
-_SHARD_RE = re.compile(rf"^{DATASET_NAME}-{SPLIT}\.tfrecord-(\d{{5,}})$")
+PARTS_DIR = "parts"
+PARQUET_DIR = "parquet"
+LEGACY_JSONL_DIR = "jsonl"  # JSONL parts of the writer before this one (deleted by --force)
+TFDS_METADATA_FILES = ("dataset_info.json", "features.json", "metadata.json")
+
+_INDEX_SUFFIX = ".index.json"
+_PART_SUFFIXES = (".tfrecord", ".jsonl", ".parquet", _INDEX_SUFFIX)
+_PART_RE = re.compile(r"^p\d{5}-\d{13}-[0-9a-f]{8}-\d{5}")
+_SHARD_RE = re.compile(rf"^{DATASET_NAME}-{SPLIT}\.tfrecord-\d{{5,}}$")
+_PARQUET_RE = re.compile(rf"^{SPLIT}-\d{{5,}}\.parquet$")
+_LEGACY_JSONL_RE = re.compile(r"^\d{5,}\.jsonl$")
+_TMP = ".tmp-"
+_READ_THREADS = 16
 
 
 def features() -> tfds.features.FeaturesDict:
@@ -48,144 +96,434 @@ def features() -> tfds.features.FeaturesDict:
       "instruction": tfds.features.Text(),
       "response": tfds.features.Text(),
       "finish_reason": tfds.features.Text(),  # 'stop' | 'length'
-      "response_tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+      "response_tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),  # end token excluded
       "post_logprobs": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "pre_logprobs": tfds.features.Tensor(shape=(None,), dtype=np.float32),  # empty in direct mode
+      # log_softmax of the masked CoDIT score (before temperature and top-p): what the
+      # authors' vLLM reports; the post-trained log-probability in direct mode.
+      "codit_logprobs": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "repetitive": tfds.features.Scalar(dtype=np.bool_),
   })
 
 
 def shard_name(index: int) -> str:
+  """The TFDS name of shard `index` (after finish())."""
   return f"{DATASET_NAME}-{SPLIT}.tfrecord-{index:05d}"
 
 
+def parquet_name(index: int) -> str:
+  return f"{SPLIT}-{index:05d}.parquet"
+
+
 def reference_record(example: Mapping[str, Any], settings: Mapping[str, Any]) -> dict:
-  """One example in the layout of the reference implementation's JSONL output."""
+  """One example exactly as the authors' vllm_expert.py writes it to its JSONL output.
+
+  Their `score` is `[lp.logprob for lp in output.logprobs]`: vLLM (logprobs=0) reports the
+  sampled token's log-probability for every output token, and a request that stops on an end
+  token keeps that token in its output (only its text is dropped), so the list has one more
+  entry than the response's tokens when is_completed. Their baseline (direct) run passes
+  `--amateur-model-id ""` and CD_PLAUSIBLE_ALPHA = CD_CONTRASTIVE_BETA = 0.
+  """
+  codit = settings["mode"] == "codit"
+  score = [float(x) for x in example["codit_logprobs"]]
+  if example["finish_reason"] == "stop":
+    score.append(float(example["end_codit_logprob"]))
   return {
       "id": example["id"],
-      "instruction": example["instruction"],
-      "output": example["response"],
       "is_completed": example["finish_reason"] == "stop",
-      "finish_reason": example["finish_reason"],
-      "repetitive": bool(example["repetitive"]),
-      "logprobs": [float(x) for x in example["post_logprobs"]],
-      "pre_logprobs": [float(x) for x in example["pre_logprobs"]],
-      "generation_config": dict(settings),
+      "instruction": example["instruction"],
+      "response": example["response"],
+      "res_metadata": {
+          "temperature": float(settings["temperature"]),
+          "top_p": float(settings["top_p"]),
+          "max_tokens": int(settings["max_new_tokens"]),
+          "contrastive_decoding": codit,
+          "alpha": float(settings["alpha"]) if codit else 0.0,
+          "beta": float(settings["beta"]) if codit else 0.0,
+          "expert_model_id": settings["post_trained"],
+          "amateur_model_id": settings["pre_trained"] if codit else "",
+      },
+      "score": score,
   }
 
 
 class DatasetWriter:
-  """Writes the shards of one run into `output_dir` and finishes the dataset's metadata."""
+  """Writes one process's finished rows into `output_dir`; process 0 claims and finishes it."""
 
-  def __init__(self, output_dir: str, run_settings: Mapping[str, Any], *, write_jsonl: bool = False):
-    self.output_dir = output_dir.rstrip("/")
+  def __init__(self, output_dir: str, run_settings: Mapping[str, Any], *, process_index: int = 0,
+               num_processes: int = 1, rows_per_shard: int = 1000, write_jsonl: bool = False,
+               write_parquet: bool = False):
+    if rows_per_shard < 1:
+      raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
+    self.output_dir = output_dir.rstrip("/") or "/"
     self.run_settings = dict(run_settings)
+    self.process_index = process_index
+    self.num_processes = num_processes
+    self.rows_per_shard = rows_per_shard
     self.write_jsonl = write_jsonl
+    self.write_parquet = write_parquet
     self._features = features()
+    self._run_token = f"p{process_index:05d}-{int(time.time() * 1000):013d}-{uuid.uuid4().hex[:8]}"
+    self._parts_written = 0
+    self._buffer: list[_Row] = []
+    self._added: set[str] = set()
 
   def _path(self, *parts: str) -> str:
-    return os.path.join(self.output_dir, *parts)
+    return posixpath.join(self.output_dir, *parts) if "://" in self.output_dir else os.path.join(
+        self.output_dir, *parts)
+
+  # Claiming the folder.
+
+  def check_claimable(self, force: bool = False) -> None:
+    """Raises CoditError if output_dir cannot be claimed; changes nothing.
+
+    Claimable: a folder that does not exist yet (in a writable place), an empty folder, or a
+    folder holding this project's dataset of the same settings (resume) or, with force, of
+    other settings. Never a folder of other files, with or without force.
+    """
+    with _as_codit_error(self.output_dir):
+      if not tf.io.gfile.exists(self.output_dir):
+        # gs:// has no folders: probe under the prefix itself, not in the bucket's root.
+        self._check_writable(self.output_dir if "://" in self.output_dir
+                             else _nearest_existing(self.output_dir))
+        return
+      if not tf.io.gfile.isdir(self.output_dir):
+        raise CoditError(f"output_dir {self.output_dir} is an existing file, not a folder. Choose an "
+                         "empty or new folder.")
+      names = [n.rstrip("/") for n in tf.io.gfile.listdir(self.output_dir)]
+      ours = self._project_files()
+      if names and not ours:
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise CoditError(f"output_dir {self.output_dir} is not empty and holds no codit-generate "
+                         f"dataset (it has {shown}). Choose an empty or new folder.")
+      previous = self._previous_settings()
+      if previous is None and ours and not force:
+        raise CoditError(f"{self.output_dir} holds codit-generate files but no {RUN_FILE}, so it "
+                         "cannot be resumed safely. Choose another output_dir, or pass --force to "
+                         "delete those files.")
+      if previous is not None and previous != self.run_settings and not force:
+        changed = sorted(k for k in set(previous) | set(self.run_settings)
+                         if previous.get(k) != self.run_settings.get(k))
+        details = "; ".join(f"{k}: {previous.get(k)!r} -> {self.run_settings.get(k)!r}"
+                            for k in changed)
+        raise CoditError(
+            f"{self.output_dir} already holds a dataset written with other settings ({details}). "
+            "Rerun with the same config to resume it, choose another output_dir, or pass --force "
+            "to delete it and start over.")
+      self._check_writable(self.output_dir)
 
   def claim(self, force: bool = False) -> None:
-    """Records this run's settings in output_dir; refuses a folder written with different ones.
+    """Process 0 only: checks, then (with force, for another dataset) deletes only this project's
+    files, creates the folder and records the settings in run.json."""
+    self.check_claimable(force)
+    with _as_codit_error(self.output_dir):
+      if tf.io.gfile.exists(self.output_dir):
+        previous = self._previous_settings()
+        if previous != self.run_settings and self._project_files():
+          self._delete_project_files()
+        elif previous == self.run_settings:
+          return
+      tf.io.gfile.makedirs(self._path(PARTS_DIR))
+      _write_atomically(self._path(RUN_FILE),
+                        json.dumps(self.run_settings, indent=2, sort_keys=True) + "\n")
 
-    With force, an existing dataset of other settings is deleted first.
-    """
+  def _previous_settings(self) -> dict | None:
     run_file = self._path(RUN_FILE)
-    if tf.io.gfile.exists(run_file):
-      previous = json.loads(_read_text(run_file))
-      if previous != self.run_settings:
-        if not force:
-          changed = sorted(k for k in set(previous) | set(self.run_settings)
-                           if previous.get(k) != self.run_settings.get(k))
-          details = "; ".join(f"{k}: {previous.get(k)!r} -> {self.run_settings.get(k)!r}" for k in changed)
-          raise CoditError(
-              f"{self.output_dir} already holds a dataset written with other settings ({details}). "
-              "Rerun with the same config to resume it, choose another output_dir, or pass --force "
-              "to delete it and start over.")
-        self._delete_outputs()
-    elif tf.io.gfile.exists(self.output_dir) and self.finished_shards():
-      if not force:
-        raise CoditError(
-            f"{self.output_dir} holds shards but no {RUN_FILE}, so it cannot be resumed safely. "
-            "Choose another output_dir, or pass --force to delete them.")
-      self._delete_outputs()
-    tf.io.gfile.makedirs(self.output_dir)
-    if self.write_jsonl:
-      tf.io.gfile.makedirs(self._path(JSONL_DIR))
-    _write_atomically(run_file, json.dumps(self.run_settings, indent=2, sort_keys=True) + "\n")
+    if not tf.io.gfile.exists(run_file):
+      return None
+    try:
+      return json.loads(_read_text(run_file))
+    except json.JSONDecodeError as e:
+      raise CoditError(f"{run_file} is not valid JSON ({e}). Pass --force to start over, or "
+                       "choose another output_dir.") from None
 
-  def _delete_outputs(self) -> None:
-    for name in tf.io.gfile.listdir(self.output_dir):
-      path = self._path(name.rstrip("/"))
-      if tf.io.gfile.isdir(path):
+  def _check_writable(self, folder: str) -> None:
+    """Writes and removes a probe file: the only reliable test (root ignores permissions)."""
+    probe = posixpath.join(folder, f".codit-probe{_TMP}{uuid.uuid4().hex}")
+    try:
+      with tf.io.gfile.GFile(probe, "w") as f:
+        f.write("")
+      tf.io.gfile.remove(probe)
+    except (OSError, tf.errors.OpError) as e:
+      raise CoditError(f"output_dir {self.output_dir} cannot be written ({_reason(e)}): a read-only "
+                       "file system or no permission. Choose a writable folder.") from None
+
+  def _project_files(self) -> list[str]:
+    """Every file in output_dir that this project writes (relative paths)."""
+    found = []
+    for name in _listdir(self.output_dir):
+      base = name.split(_TMP)[0]
+      if (base in (RUN_FILE, PLAN_FILE, JSONL_FILE) + TFDS_METADATA_FILES or _SHARD_RE.match(base)
+          or (name.startswith(".codit-probe") and _TMP in name)):
+        found.append(name)
+    for name in _listdir(self._path(PARTS_DIR)):
+      if _PART_RE.match(name) and name.split(_TMP)[0].endswith(_PART_SUFFIXES):
+        found.append(posixpath.join(PARTS_DIR, name))
+    for name in _listdir(self._path(PARQUET_DIR)):
+      if _PARQUET_RE.match(name.split(_TMP)[0]):
+        found.append(posixpath.join(PARQUET_DIR, name))
+    for name in _listdir(self._path(LEGACY_JSONL_DIR)):
+      if _LEGACY_JSONL_RE.match(name.split(_TMP)[0]):
+        found.append(posixpath.join(LEGACY_JSONL_DIR, name))
+    return found
+
+  def _delete_project_files(self) -> None:
+    for relative in self._project_files():
+      tf.io.gfile.remove(self._path(relative))
+    for folder in (PARTS_DIR, PARQUET_DIR, LEGACY_JSONL_DIR):  # only if nothing of the user's is inside
+      path = self._path(folder)
+      if tf.io.gfile.isdir(path) and not tf.io.gfile.listdir(path):
         tf.io.gfile.rmtree(path)
-      else:
-        tf.io.gfile.remove(path)
 
-  def finished_shards(self) -> set[int]:
-    """Indices of the shards already written whole."""
-    if not tf.io.gfile.exists(self.output_dir):
-      return set()
-    names = tf.io.gfile.listdir(self.output_dir)
-    return {int(m.group(1)) for m in map(_SHARD_RE.match, names) if m}
+  # Writing rows.
 
-  def write_shard(self, index: int, examples: Sequence[Mapping[str, Any]]) -> None:
-    """Writes one shard atomically (its JSONL part first, so a shard never lacks its part)."""
-    if self.write_jsonl:
-      lines = "".join(json.dumps(reference_record(e, self.run_settings), ensure_ascii=False) + "\n"
-                      for e in examples)
-      _write_atomically(self._path(JSONL_DIR, f"{index:05d}.jsonl"), lines)
-    final = self._path(shard_name(index))
-    temporary = f"{final}.tmp-{uuid.uuid4().hex}"
-    with tf.io.TFRecordWriter(temporary) as records:
-      for example in examples:
-        records.write(self._features.serialize_example(_as_feature_values(example)))
+  def finished(self) -> dict[str, str]:
+    """{example id: prompt digest} of every row in the committed shards of all processes."""
+    digests = {}
+    for index in self._read_indexes().values():
+      digests.update(zip(index["ids"], index["digests"]))
+    return digests
+
+  def add(self, example: Mapping[str, Any], prompt_digest: str) -> None:
+    """Buffers one finished row of this process; writes a shard when rows_per_shard are buffered."""
+    example_id = example["id"]
+    if example_id in self._added:
+      raise ValueError(f"example {example_id!r} was added twice")
+    self._buffer.append(self._encode(example, str(prompt_digest)))
+    self._added.add(example_id)
+    if len(self._buffer) >= self.rows_per_shard:
+      self.flush()
+
+  def flush(self) -> None:
+    """Writes this process's buffered rows as a shard (nothing if none)."""
+    if self._buffer:
+      self._write_part(self._buffer)
+      self._buffer = []
+
+  def _encode(self, example: Mapping[str, Any], digest: str) -> _Row:
+    """Serializes a row at once: far smaller than its Python lists of floats, and errors show early."""
+    n = len(example["response_tokens"])
+    per_token = ["post_logprobs", "codit_logprobs"] + (["pre_logprobs"] if len(example["pre_logprobs"]) else [])
+    for key in per_token:
+      if len(example[key]) != n:
+        raise ValueError(f"example {example['id']!r}: {key} has {len(example[key])} entries for {n} tokens")
+    if example["finish_reason"] not in ("stop", "length"):
+      raise ValueError(f"example {example['id']!r}: finish_reason {example['finish_reason']!r}")
+    values = {
+        "id": example["id"], "instruction": example["instruction"], "response": example["response"],
+        "finish_reason": example["finish_reason"],
+        "response_tokens": np.asarray(example["response_tokens"], np.int32).reshape(-1),
+        "post_logprobs": np.asarray(example["post_logprobs"], np.float32).reshape(-1),
+        "pre_logprobs": np.asarray(example["pre_logprobs"], np.float32).reshape(-1),
+        "codit_logprobs": np.asarray(example["codit_logprobs"], np.float32).reshape(-1),
+        "repetitive": bool(example["repetitive"]),
+    }
+    return _Row(
+        id=example["id"], digest=digest, record=self._features.serialize_example(values),
+        jsonl=(json.dumps(reference_record(example, self.run_settings), ensure_ascii=False) + "\n"
+               if self.write_jsonl else None),
+        values=values if self.write_parquet else None)
+
+  def _write_part(self, rows: list[_Row]) -> str:
+    """Writes one shard: its data files first, then its index, the commit (see the module doc)."""
+    name = f"{self._run_token}-{self._parts_written:05d}"
+    self._parts_written += 1
+    with _as_codit_error(self.output_dir):
+      tf.io.gfile.makedirs(self._path(PARTS_DIR))
+      record_file = self._path(PARTS_DIR, name + ".tfrecord")
+      with tf.io.TFRecordWriter(record_file) as records:
+        for row in rows:
+          records.write(row.record)
+      if self.write_jsonl:
+        with tf.io.gfile.GFile(self._path(PARTS_DIR, name + ".jsonl"), "w") as f:
+          f.write("".join(row.jsonl for row in rows))
+      if self.write_parquet:
+        _write_parquet(self._path(PARTS_DIR, name + ".parquet"), [row.values for row in rows])
+      index = {"process": self.process_index, "rows": len(rows),
+               "bytes": tf.io.gfile.stat(record_file).length,
+               "jsonl": self.write_jsonl, "parquet": self.write_parquet,
+               "ids": [row.id for row in rows], "digests": [row.digest for row in rows]}
+      _write_atomically(self._path(PARTS_DIR, name + _INDEX_SUFFIX), json.dumps(index) + "\n")
+    return name
+
+  def _read_indexes(self) -> dict[str, dict]:
+    """{part name: its index} of every committed shard, read in parallel (gs:// latency)."""
+    names = sorted(n[:-len(_INDEX_SUFFIX)] for n in _listdir(self._path(PARTS_DIR))
+                   if n.endswith(_INDEX_SUFFIX) and _PART_RE.match(n))
+    paths = [self._path(PARTS_DIR, n + _INDEX_SUFFIX) for n in names]
+    with concurrent.futures.ThreadPoolExecutor(_READ_THREADS) as pool:
+      texts = list(pool.map(_read_text, paths))
+    return {n: json.loads(t) for n, t in zip(names, texts)}
+
+  # Finishing the dataset.
+
+  def finish(self, metadata: Mapping[str, Any], description: str) -> int:
+    """Process 0 only, after every process has flushed: makes output_dir a TFDS dataset over all
+    committed shards; returns the number of rows. Safe to call again, also after a resumed run."""
+    self.flush()
+    with _as_codit_error(self.output_dir):
+      indexes = self._read_indexes()
+      plan = self._read_plan()
+      unknown = [n for n in plan if n not in indexes]
+      if unknown:
+        raise CoditError(f"{self._path(PLAN_FILE)} names shards whose index is missing from "
+                         f"{self._path(PARTS_DIR)} ({', '.join(unknown[:3])}): the folder was changed "
+                         "by hand. Pass --force to start over.")
+      new = sorted(set(indexes) - set(plan))
+      if not plan and not new:  # every input was skipped: still a (empty) dataset that TFDS reads
+        new = [self._write_part([])]
+        indexes = self._read_indexes()
+      plan = plan + new
+      self._check_ids_once(indexes)
+      self._check_parts(plan, indexes)
+      _write_atomically(self._path(PLAN_FILE), json.dumps({"shards": plan}, indent=0) + "\n")
+      if self.write_parquet:
+        tf.io.gfile.makedirs(self._path(PARQUET_DIR))
+      for i, name in enumerate(plan):
+        _place(self._path(PARTS_DIR, name + ".tfrecord"), self._path(shard_name(i)))
+        if self.write_parquet:
+          _place(self._path(PARTS_DIR, name + ".parquet"), self._path(PARQUET_DIR, parquet_name(i)))
+      self._remove_leftovers(indexes)
+      split = tfds.core.SplitInfo(
+          name=SPLIT, shard_lengths=[indexes[n]["rows"] for n in plan],
+          num_bytes=sum(indexes[n]["bytes"] for n in plan),
+          filename_template=tfds.core.ShardedFileTemplate(
+              data_dir=self.output_dir, template=FILENAME_TEMPLATE, dataset_name=DATASET_NAME,
+              split=SPLIT, filetype_suffix="tfrecord"))
+      tfds.folder_dataset.write_metadata(
+          data_dir=self.output_dir, features=self._features, split_infos=[split],
+          filename_template=FILENAME_TEMPLATE, check_data=False, description=description,
+          metadata=tfds.core.MetadataDict(metadata))
+      if self.write_jsonl:
+        self._join_jsonl(plan)
+    return sum(indexes[n]["rows"] for n in plan)
+
+  def _read_plan(self) -> list[str]:
+    path = self._path(PLAN_FILE)
+    return json.loads(_read_text(path))["shards"] if tf.io.gfile.exists(path) else []
+
+  def _check_ids_once(self, indexes: Mapping[str, dict]) -> None:
+    seen, twice = set(), []
+    for index in indexes.values():
+      for example_id in index["ids"]:
+        (twice.append if example_id in seen else seen.add)(example_id)
+    if twice:
+      raise CoditError(f"{self.output_dir}: ids {twice[:5]} are in more than one shard: two runs "
+                       "wrote into this folder at once. Pass --force to start over.")
+
+  def _check_parts(self, plan: list[str], indexes: Mapping[str, dict]) -> None:
+    """Refuses, before anything moves, when an output asked for was not written with every shard."""
+    for option, kind in (("write_jsonl", "jsonl"), ("write_parquet", "parquet")):
+      lacking = [n for n in plan if getattr(self, option) and not indexes[n][kind]]
+      if lacking:
+        raise CoditError(f"{self.output_dir}: {len(lacking)} shards were written without {option} "
+                         f"(e.g. {lacking[0]}), so the {kind} output cannot be complete. Finish with "
+                         f"the {option} setting of the run that wrote them, or pass --force to start over.")
+
+  def _remove_leftovers(self, indexes: Mapping[str, dict]) -> None:
+    """Temporary files of killed writes, and parts whose index was never written."""
+    for relative in self._project_files():
+      name = posixpath.basename(relative)
+      orphan = (relative.startswith(PARTS_DIR + "/") and _TMP not in name
+                and _part_of(name) not in indexes)
+      if _TMP in name or orphan:
+        tf.io.gfile.remove(self._path(relative))
+
+  def _join_jsonl(self, plan: list[str]) -> None:
+    final = self._path(JSONL_FILE)
+    temporary = f"{final}{_TMP}{uuid.uuid4().hex}"
+    with tf.io.gfile.GFile(temporary, "w") as out:
+      out.write("")  # GFile creates the file on its first write, also of no rows
+      for name in plan:
+        with tf.io.gfile.GFile(self._path(PARTS_DIR, name + ".jsonl"), "r") as part:
+          while chunk := part.read(1 << 24):
+            out.write(chunk)
     tf.io.gfile.rename(temporary, final, overwrite=True)
 
-  def finish(self, num_shards: int, metadata: Mapping[str, Any], description: str) -> None:
-    """Writes the TFDS metadata (and the joined JSONL) once all `num_shards` shards exist."""
-    if num_shards == 0:  # every input was skipped: still a (empty) dataset that TFDS reads
-      self.write_shard(0, [])
-      num_shards = 1
-    missing = sorted(set(range(num_shards)) - self.finished_shards())
-    if missing:
-      raise CoditError(f"{self.output_dir}: shards {missing[:10]} are missing; rerun the same command to "
-                       "write them.")
-    folders = [self.output_dir] + ([self._path(JSONL_DIR)] if self.write_jsonl else [])
-    for folder in folders:  # leftovers of writes that were killed
-      for name in tf.io.gfile.listdir(folder):
-        if ".tmp-" in name:
-          tf.io.gfile.remove(os.path.join(folder, name))
-    shard_lengths = [_count_records(self._path(shard_name(i))) for i in range(num_shards)]
-    split = tfds.core.SplitInfo(
-        name=SPLIT, shard_lengths=shard_lengths,
-        num_bytes=sum(tf.io.gfile.stat(self._path(shard_name(i))).length for i in range(num_shards)),
-        filename_template=tfds.core.ShardedFileTemplate(
-            data_dir=self.output_dir, template=FILENAME_TEMPLATE, dataset_name=DATASET_NAME,
-            split=SPLIT, filetype_suffix="tfrecord"))
-    tfds.folder_dataset.write_metadata(
-        data_dir=self.output_dir, features=self._features, split_infos=[split],
-        filename_template=FILENAME_TEMPLATE, check_data=False, description=description,
-        metadata=tfds.core.MetadataDict(metadata))
-    if self.write_jsonl:
-      parts = [self._path(JSONL_DIR, f"{i:05d}.jsonl") for i in range(num_shards)]
-      _write_atomically(self._path(JSONL_FILE), "".join(_read_text(p) for p in parts))
+
+class _Row:
+  __slots__ = ("id", "digest", "record", "jsonl", "values")
+
+  def __init__(self, id, digest, record, jsonl, values):  # pylint: disable=redefined-builtin
+    self.id, self.digest, self.record, self.jsonl, self.values = id, digest, record, jsonl, values
 
 
-def _as_feature_values(example: Mapping[str, Any]) -> dict:
-  return {
-      "id": example["id"], "instruction": example["instruction"], "response": example["response"],
-      "finish_reason": example["finish_reason"],
-      "response_tokens": list(example["response_tokens"]),
-      "post_logprobs": list(example["post_logprobs"]),
-      "pre_logprobs": list(example["pre_logprobs"]),
-      "repetitive": bool(example["repetitive"]),
-  }
+def _part_of(file_name: str) -> str:
+  for suffix in _PART_SUFFIXES:
+    if file_name.endswith(suffix):
+      return file_name[:-len(suffix)]
+  return file_name
 
 
-def _count_records(path: str) -> int:
-  return sum(1 for _ in tf.data.TFRecordDataset(path))
+def _place(part: str, final: str) -> None:
+  """Renames a planned part to its final name; idempotent (see the module doc)."""
+  if tf.io.gfile.exists(part):
+    tf.io.gfile.rename(part, final, overwrite=True)
+  elif not tf.io.gfile.exists(final):
+    raise CoditError(f"{part} is missing and {final} was not written: the folder was changed by "
+                     "hand. Pass --force to start over.")
+
+
+def _parquet_schema():
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  return pa.schema([
+      ("id", pa.string()), ("instruction", pa.string()), ("response", pa.string()),
+      ("finish_reason", pa.string()), ("response_tokens", pa.list_(pa.int32())),
+      ("post_logprobs", pa.list_(pa.float32())), ("pre_logprobs", pa.list_(pa.float32())),
+      ("codit_logprobs", pa.list_(pa.float32())), ("repetitive", pa.bool_()),
+  ])
+
+
+def _write_parquet(path: str, rows: list[dict]) -> None:
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  schema = _parquet_schema()
+  table = pa.table({field.name: pa.array([row[field.name] for row in rows], type=field.type)
+                    for field in schema}, schema=schema)
+  buffer = pa.BufferOutputStream()  # pyarrow cannot write through a GFile; a part fits in memory
+  pq.write_table(table, buffer)
+  with tf.io.gfile.GFile(path, "wb") as f:
+    f.write(buffer.getvalue().to_pybytes())
+
+
+def _listdir(folder: str) -> list[str]:
+  if not tf.io.gfile.isdir(folder):
+    return []
+  return [n.rstrip("/") for n in tf.io.gfile.listdir(folder)]
+
+
+def _nearest_existing(path: str) -> str:
+  while not tf.io.gfile.exists(path):
+    parent = posixpath.dirname(path) if "://" in path else os.path.dirname(path)
+    if parent in (path, ""):
+      return "."
+    path = parent
+  return path
+
+
+def _reason(e: Exception) -> str:
+  if isinstance(e, OSError) and e.errno is not None:
+    return os.strerror(e.errno)
+  return getattr(e, "message", None) or str(e)
+
+
+class _as_codit_error:  # pylint: disable=invalid-name
+  """Turns a file-system failure under output_dir into a one-line CoditError."""
+
+  def __init__(self, output_dir: str):
+    self.output_dir = output_dir
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, e, traceback):
+    if e is None or isinstance(e, CoditError):
+      return False
+    if isinstance(e, (OSError, tf.errors.OpError)):
+      hint = (" (a read-only file system)" if getattr(e, "errno", None) == errno.EROFS else "")
+      raise CoditError(f"file system error in output_dir {self.output_dir}{hint}: {_reason(e)}. "
+                       "Fix it and rerun the same command to resume, or choose a writable folder.") from None
+    return False
 
 
 def _read_text(path: str) -> str:
@@ -194,14 +532,16 @@ def _read_text(path: str) -> str:
 
 
 def _write_atomically(path: str, text: str) -> None:
-  temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+  temporary = f"{path}{_TMP}{uuid.uuid4().hex}"
   with tf.io.gfile.GFile(temporary, "w") as f:
     f.write(text)
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def read_examples(output_dir: str) -> Iterable[dict]:
+def read_examples(output_dir: str) -> Iterator[dict]:
   """The finished dataset's examples as Python values (TFDS read-back), in shard order."""
   builder = tfds.builder_from_directory(output_dir)
+  if not builder.info.splits[SPLIT].num_examples:
+    return  # TFDS refuses to read a split of no examples ("corresponds to no data")
   for example in tfds.as_numpy(builder.as_dataset(split=SPLIT, shuffle_files=False)):
     yield {k: (v.decode() if isinstance(v, bytes) else v) for k, v in example.items()}

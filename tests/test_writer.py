@@ -1,0 +1,429 @@
+"""The dataset writer: shards as rows finish, resume by id, kill safety, folder claims, outputs.
+
+Synthetic example dicts only, no models. A kill is simulated by raising a
+BaseException (nothing in the writer catches it) from inside a file operation,
+after half of the data was written, and the run is resumed by a fresh writer.
+"""
+
+import errno
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from codit_jax.data import writer
+from codit_jax.errors import CoditError
+
+SETTINGS = {"post_trained": "org/model-it", "pre_trained": "org/model-base", "mode": "codit",
+            "alpha": 0.01, "beta": 1.0, "temperature": 1.0, "top_p": 0.9, "top_k": 0,
+            "max_new_tokens": 8, "seed": 0}
+
+
+def example(i: int, mode: str = "codit") -> dict:
+  n = 1 + i % 4
+  rng = np.random.default_rng(i)
+  stop = i % 3 != 0
+  return {
+      "id": f"ex{i:03d}", "instruction": f"Say {i} ünïcode", "response": f"answer {i}",
+      "finish_reason": "stop" if stop else "length",
+      "response_tokens": list(range(i, i + n)),
+      "post_logprobs": (-rng.random(n)).tolist(),
+      "pre_logprobs": (-rng.random(n)).tolist() if mode == "codit" else [],
+      "codit_logprobs": (-rng.random(n)).tolist(),
+      "end_codit_logprob": -0.25 - i / 100 if stop else None,
+      "repetitive": i % 5 == 0,
+  }
+
+
+def digest(i: int) -> str:
+  return f"d{i:03d}"
+
+
+def new_writer(folder, settings=SETTINGS, **options) -> writer.DatasetWriter:
+  return writer.DatasetWriter(str(folder), settings, **options)
+
+
+def add(w: writer.DatasetWriter, ids) -> None:
+  for i in ids:
+    w.add(example(i), digest(i))
+
+
+def read_ids(folder) -> list[str]:
+  return [e["id"] for e in writer.read_examples(str(folder))]
+
+
+def jsonl_ids(folder) -> list[str]:
+  with open(os.path.join(folder, writer.JSONL_FILE)) as f:
+    return [json.loads(line)["id"] for line in f]
+
+
+def parquet_ids(folder) -> list[str]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  files = sorted(glob.glob(os.path.join(folder, "parquet", "*.parquet")))
+  return [i for f in files for i in pq.read_table(f).column("id").to_pylist()]
+
+
+def all_files(folder) -> set[str]:
+  return {os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs}
+
+
+def assert_clean(folder) -> None:
+  """No temporary file and no part without its index is left."""
+  files = all_files(folder)
+  assert not [f for f in files if ".tmp-" in f]
+  indexed = {f[:-len(".index.json")] for f in files if f.endswith(".index.json")}
+  parts = {f.rsplit(".", 1)[0] for f in files if f.startswith("parts/") and not f.endswith(".index.json")}
+  assert parts <= indexed
+
+
+def test_a_shard_every_rows_per_shard_rows(tmp_path):
+  w = new_writer(tmp_path / "out", rows_per_shard=3)
+  w.claim()
+  add(w, range(7))
+  assert len(w.finished()) == 6  # two shards written, one row buffered
+  w.flush()
+  w.flush()  # nothing buffered: no empty shard
+  assert w.finished() == {f"ex{i:03d}": digest(i) for i in range(7)}
+  assert w.finish({"k": 1}, "test") == 7
+  shards = sorted(tf.io.gfile.glob(f"{tmp_path}/out/codit-train.tfrecord-*"))
+  assert [os.path.basename(s) for s in shards] == [writer.shard_name(i) for i in range(3)]
+  assert [sum(1 for _ in tf.data.TFRecordDataset(s)) for s in shards] == [3, 3, 1]
+  assert read_ids(tmp_path / "out") == [f"ex{i:03d}" for i in range(7)]  # the order of add()
+  assert_clean(tmp_path / "out")
+
+
+def test_finished_sees_every_process(tmp_path):
+  folder = tmp_path / "out"
+  first = new_writer(folder, process_index=0, num_processes=2, rows_per_shard=2)
+  second = new_writer(folder, process_index=1, num_processes=2, rows_per_shard=2)
+  first.check_claimable()
+  second.check_claimable()
+  first.claim()
+  add(first, [0, 2, 4])
+  add(second, [1, 3, 5, 7])
+  first.flush()
+  second.flush()
+  everything = {f"ex{i:03d}": digest(i) for i in [0, 1, 2, 3, 4, 5, 7]}
+  for process in (0, 1):
+    assert new_writer(folder, process_index=process, num_processes=2).finished() == everything
+  assert first.finish({}, "") == 7
+  assert sorted(read_ids(folder)) == sorted(everything)
+  assert new_writer(folder, process_index=1, num_processes=2).finished() == everything  # after finish too
+  names = os.listdir(folder / "parts")
+  assert len({n.split(".")[0] for n in names}) == 4  # four shards, no name collided
+
+
+class Killed(BaseException):
+  """kill -9: nothing catches it, nothing after it runs."""
+
+
+class Killer:
+  """Counts file operations and kills the run at the n-th: a half-written file, or no rename."""
+
+  def __init__(self, monkeypatch, at: int):
+    self.at, self.calls = at, 0
+    real_gfile, real_records, real_rename = tf.io.gfile.GFile, tf.io.TFRecordWriter, tf.io.gfile.rename
+
+    def count():
+      self.calls += 1
+      return self.calls - 1 == self.at
+
+    class HalfWritten:
+      def __init__(self, f):
+        self.f = f
+
+      def write(self, data):
+        self.f.write(data[:len(data) // 2])
+        self.f.flush()
+        raise Killed()
+
+      def __getattr__(self, name):
+        return getattr(self.f, name)
+
+      def __enter__(self):
+        return self
+
+      def __exit__(self, *args):
+        self.f.close()
+
+    def gfile(path, mode="r"):
+      if not count():
+        return real_gfile(path, mode)
+      if "w" in mode:
+        return HalfWritten(real_gfile(path, mode))
+      raise Killed()  # before a read
+
+    def records(path, *args):
+      r = real_records(path, *args)
+      return HalfWritten(r) if count() else r
+
+    def rename(*args, **kwargs):
+      if count():
+        raise Killed()
+      return real_rename(*args, **kwargs)
+
+    monkeypatch.setattr(tf.io.gfile, "GFile", gfile)
+    monkeypatch.setattr(tf.io, "TFRecordWriter", records)
+    monkeypatch.setattr(tf.io.gfile, "rename", rename)
+
+
+OUTPUTS = dict(write_jsonl=True, write_parquet=True)
+
+
+def test_a_kill_at_any_point_of_a_shard_write_loses_and_repeats_nothing(tmp_path, monkeypatch):
+  at, killed_at_some_point = 0, True
+  while killed_at_some_point:
+    folder = tmp_path / f"kill{at}"
+    w = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+    w.claim()
+    add(w, [0, 1])  # one whole shard before the kill
+    with monkeypatch.context() as patch:
+      killer = Killer(patch, at)
+      try:
+        add(w, [2, 3])
+        killed_at_some_point = False
+      except Killed:
+        pass
+    rerun = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+    done = rerun.finished()
+    assert {"ex000", "ex001"} <= set(done) <= {f"ex{i:03d}" for i in range(4)}
+    add(rerun, [i for i in range(5) if f"ex{i:03d}" not in done])
+    assert rerun.finish({}, "") == 5
+    want = [f"ex{i:03d}" for i in range(5)]
+    assert sorted(read_ids(folder)) == sorted(jsonl_ids(folder)) == sorted(parquet_ids(folder)) == want
+    assert_clean(folder)
+    at += 1
+  assert killer.calls >= 5  # TFRecord, JSONL, Parquet, index, its rename
+
+
+def test_a_kill_at_any_point_of_finish_is_completed_by_the_next_finish(tmp_path, monkeypatch):
+  at, killed_at_some_point = 0, True
+  while killed_at_some_point:
+    folder = tmp_path / f"kill{at}"
+    w = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+    w.claim()
+    add(w, range(3))
+    w.flush()
+    with monkeypatch.context() as patch:
+      killer = Killer(patch, at)
+      try:
+        w.finish({}, "")
+        killed_at_some_point = False
+      except Killed:
+        pass
+    rerun = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+    assert set(rerun.finished()) == {"ex000", "ex001", "ex002"}  # whatever was renamed already
+    add(rerun, [3])  # and the resumed run goes on
+    assert rerun.finish({}, "") == 4
+    want = [f"ex{i:03d}" for i in range(4)]
+    assert sorted(read_ids(folder)) == sorted(jsonl_ids(folder)) == sorted(parquet_ids(folder)) == want
+    assert_clean(folder)
+    at += 1
+  assert killer.calls >= 6
+
+
+def test_finish_again_after_a_resumed_run(tmp_path):
+  folder = tmp_path / "out"
+  w = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+  w.claim()
+  add(w, range(3))
+  assert w.finish({}, "") == 3
+  first_shards = {n: (folder / n).read_bytes() for n in os.listdir(folder) if n.startswith("codit-train")}
+  resumed = new_writer(folder, rows_per_shard=2, **OUTPUTS)
+  resumed.check_claimable()
+  resumed.claim()
+  assert set(resumed.finished()) == {"ex000", "ex001", "ex002"}
+  add(resumed, range(3, 6))
+  assert resumed.finish({}, "") == 6
+  assert read_ids(folder) == jsonl_ids(folder) == parquet_ids(folder) == [f"ex{i:03d}" for i in range(6)]
+  for name, data in first_shards.items():  # placed shards keep their index
+    assert (folder / name).read_bytes() == data
+  assert len(tf.io.gfile.glob(f"{folder}/codit-train.tfrecord-*")) == 4
+  assert new_writer(folder).finish({}, "") == 6  # and nothing changes when called once more
+  assert read_ids(folder) == [f"ex{i:03d}" for i in range(6)]
+
+
+def test_zero_rows_is_an_empty_dataset_and_can_grow(tmp_path):
+  folder = tmp_path / "out"
+  w = new_writer(folder, **OUTPUTS)
+  w.claim()
+  assert w.finished() == {}
+  assert w.finish({}, "") == 0
+  assert not read_ids(folder)
+  assert not jsonl_ids(folder)
+  resumed = new_writer(folder, **OUTPUTS)
+  add(resumed, [1, 2])
+  assert resumed.finish({}, "") == 2
+  assert read_ids(folder) == jsonl_ids(folder) == parquet_ids(folder) == ["ex001", "ex002"]
+
+
+def test_codit_logprobs_and_every_feature_read_back_through_tfds(tmp_path):
+  w = new_writer(tmp_path / "out")
+  w.claim()
+  add(w, range(4))
+  w.finish({}, "")
+  for got in writer.read_examples(str(tmp_path / "out")):
+    want = example(int(got["id"][2:]))
+    for key in ("instruction", "response", "finish_reason", "repetitive"):
+      assert got[key] == want[key]
+    np.testing.assert_array_equal(got["response_tokens"], want["response_tokens"])
+    for key in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
+      np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
+      assert got[key].dtype == np.float32
+
+
+def test_jsonl_is_the_authors_record(tmp_path):
+  w = new_writer(tmp_path / "out", write_jsonl=True)
+  w.claim()
+  add(w, [1, 3])  # 'stop' and 'length'
+  w.finish({}, "")
+  with open(tmp_path / "out" / writer.JSONL_FILE, encoding="utf-8") as f:
+    stop, length = [json.loads(line) for line in f]
+  assert list(stop) == ["id", "is_completed", "instruction", "response", "res_metadata", "score"]
+  assert list(stop["res_metadata"]) == ["temperature", "top_p", "max_tokens", "contrastive_decoding",
+                                        "alpha", "beta", "expert_model_id", "amateur_model_id"]
+  assert stop["res_metadata"] == {"temperature": 1.0, "top_p": 0.9, "max_tokens": 8,
+                                  "contrastive_decoding": True, "alpha": 0.01, "beta": 1.0,
+                                  "expert_model_id": "org/model-it", "amateur_model_id": "org/model-base"}
+  assert (stop["id"], stop["is_completed"], stop["instruction"], stop["response"]) == (
+      "ex001", True, "Say 1 ünïcode", "answer 1")
+  # vLLM keeps the end token's entry in a stopped request's logprobs; a cut row has none.
+  assert stop["score"] == pytest.approx(example(1)["codit_logprobs"] + [example(1)["end_codit_logprob"]])
+  assert (length["is_completed"], length["score"]) == (False, pytest.approx(example(3)["codit_logprobs"]))
+  direct = writer.reference_record(example(2, "direct"), dict(SETTINGS, mode="direct", pre_trained=None))
+  # The authors' baseline run: --amateur-model-id "" and alpha = beta = 0.
+  assert direct["res_metadata"] == {"temperature": 1.0, "top_p": 0.9, "max_tokens": 8,
+                                    "contrastive_decoding": False, "alpha": 0.0, "beta": 0.0,
+                                    "expert_model_id": "org/model-it", "amateur_model_id": ""}
+
+
+def test_parquet_reads_with_hugging_face_datasets(tmp_path):
+  datasets = pytest.importorskip("datasets")
+  folder = tmp_path / "out"
+  w = new_writer(folder, rows_per_shard=2, write_parquet=True)
+  w.claim()
+  add(w, range(5))
+  w.finish({}, "")
+  files = sorted(glob.glob(str(folder / "parquet" / "*.parquet")))
+  assert [os.path.basename(f) for f in files] == [writer.parquet_name(i) for i in range(3)]
+  loaded = datasets.load_dataset("parquet", data_files=files, split="train",
+                                 cache_dir=str(tmp_path / "hf_cache"))
+  tfds_rows = {e["id"]: e for e in writer.read_examples(str(folder))}
+  assert loaded["id"] == list(tfds_rows)
+  for row in loaded:
+    want = tfds_rows[row["id"]]
+    for key in ("instruction", "response", "finish_reason", "repetitive"):
+      assert row[key] == want[key]
+    for key in ("response_tokens", "post_logprobs", "pre_logprobs", "codit_logprobs"):
+      np.testing.assert_array_equal(np.asarray(row[key], want[key].dtype), want[key])
+
+
+def make_dataset(folder, settings=SETTINGS) -> None:
+  w = new_writer(folder, settings, rows_per_shard=2, **OUTPUTS)
+  w.claim()
+  add(w, range(3))
+  w.finish({}, "")
+  add(w, [4])  # and a part written after the finish
+  w.flush()
+
+
+def test_other_settings_are_refused_naming_them_and_force_deletes_only_project_files(tmp_path):
+  folder = tmp_path / "out"
+  make_dataset(folder)
+  (folder / "notes.txt").write_text("mine")
+  (folder / "parts" / "my-notes.txt").write_text("mine too")
+  (folder / "jsonl").mkdir()  # the previous writer's JSONL parts
+  (folder / "jsonl" / "00000.jsonl").write_text("{}\n")
+  before = all_files(folder)
+  assert {"codit.jsonl", "shards.json", "run.json", "dataset_info.json", "features.json",
+          "parquet/train-00000.parquet", "codit-train.tfrecord-00000"} <= before
+  other = new_writer(folder, dict(SETTINGS, alpha=0.1, top_p=1.0))
+  with pytest.raises(CoditError, match=r"other settings \(alpha: 0.01 -> 0.1; top_p: 0.9 -> 1.0\)"):
+    other.check_claimable()
+  with pytest.raises(CoditError, match="alpha"):
+    other.claim()
+  assert all_files(folder) == before  # a refusal changes nothing
+  other.check_claimable(force=True)
+  assert all_files(folder) == before  # checking never changes anything
+  other.claim(force=True)
+  assert all_files(folder) == {"notes.txt", "parts/my-notes.txt", "run.json"}
+  assert (folder / "notes.txt").read_text() == "mine"
+  assert json.loads((folder / "run.json").read_text())["alpha"] == 0.1
+  assert other.finished() == {}
+
+
+def test_the_same_settings_resume_without_force(tmp_path):
+  folder = tmp_path / "out"
+  make_dataset(folder)
+  (folder / "notes.txt").write_text("mine")
+  before = all_files(folder)
+  same = new_writer(folder)
+  same.claim()
+  assert all_files(folder) == before
+  assert set(same.finished()) == {"ex000", "ex001", "ex002", "ex004"}
+
+
+def test_a_folder_of_other_files_is_refused_even_with_force(tmp_path):
+  folder = tmp_path / "photos"
+  folder.mkdir()
+  for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+    (folder / name).write_text("x")
+  for force in (False, True):
+    with pytest.raises(CoditError, match=r"not empty and holds no codit-generate dataset \(it has a.jpg, "
+                                         r"b.jpg, c.jpg, ...\)\. Choose an empty or new folder"):
+      new_writer(folder).claim(force=force)
+  assert all_files(folder) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg"}
+
+
+def test_project_files_without_run_json_need_force(tmp_path):
+  folder = tmp_path / "out"
+  make_dataset(folder)
+  (folder / "run.json").unlink()
+  (folder / "notes.txt").write_text("mine")
+  with pytest.raises(CoditError, match="no run.json"):
+    new_writer(folder).claim()
+  new_writer(folder).claim(force=True)
+  assert all_files(folder) == {"notes.txt", "run.json"}
+
+
+def test_an_empty_or_new_folder_is_claimed(tmp_path):
+  (tmp_path / "empty").mkdir()
+  for folder in (tmp_path / "empty", tmp_path / "new" / "deeper"):
+    w = new_writer(folder)
+    w.check_claimable()
+    w.claim()
+    assert json.loads((folder / "run.json").read_text()) == SETTINGS
+
+
+def test_output_dir_that_is_a_file(tmp_path):
+  path = tmp_path / "data.jsonl"
+  path.write_text("{}\n")
+  with pytest.raises(CoditError, match="is an existing file, not a folder") as e:
+    new_writer(path).check_claimable(force=True)
+  assert "\n" not in str(e.value)
+  assert path.read_text() == "{}\n"
+
+
+def test_an_unwritable_location(tmp_path, monkeypatch):
+  # Root writes through permission bits; /sys refuses new files even to root (EPERM).
+  with pytest.raises(CoditError, match="cannot be written .* read-only file system or no permission") as e:
+    new_writer("/sys/codit-out").check_claimable()
+  assert "\n" not in str(e.value) and e.value.__suppress_context__
+  assert not os.path.exists("/sys/codit-out")
+
+  def read_only(*args, **kwargs):
+    raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
+
+  monkeypatch.setattr(tf.io.gfile, "GFile", read_only)
+  with pytest.raises(CoditError, match=r"cannot be written \(Read-only file system\)"):
+    new_writer(tmp_path / "out").claim()
+  monkeypatch.undo()
+  w = new_writer(tmp_path / "out")
+  w.claim()
+  add(w, [1])
+  monkeypatch.setattr(tf.io, "TFRecordWriter", read_only)  # the disk turns read-only mid-run
+  with pytest.raises(CoditError, match=r"error in output_dir .* \(a read-only file system\): Read-only"):
+    w.flush()
