@@ -255,8 +255,15 @@ def generate(config, force: bool = False) -> dict:
                                     rows_per_shard=config.rows_per_shard, write_jsonl=config.write_jsonl,
                                     write_parquet=config.write_parquet)
   writer.check_claimable(force=force)
+  try:
+    prompts_to_do(items, writer.finished(), config.output_dir)
+    restart = False
+  except CoditError:
+    if not force:
+      raise
+    restart = True  # rows of other prompts: --force deletes the dataset
   if process == 0:
-    writer.claim(force=force)
+    writer.claim(force=force, restart=restart)
   _barrier("claimed")
   todo = prompts_to_do(items, writer.finished(), config.output_dir)
   _check_same_plan(todo)

@@ -26,7 +26,8 @@ from codit_jax.errors import CoditError
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = str(REPO / "configs" / "default.py")
 FEATURES = {"id", "instruction", "response", "finish_reason", "response_tokens", "post_logprobs",
-            "pre_logprobs", "repetitive"}
+            "pre_logprobs", "codit_logprobs", "repetitive"}
+AUTHORS_KEYS = ["id", "is_completed", "instruction", "response", "res_metadata", "score"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,7 +114,13 @@ def test_greedy_dataset_equals_torch_reference_and_reads_back(tmp_path):
   assert sum(1 for _ in tf.data.TFRecordDataset(files)) == 7
   lines = [json.loads(l) for l in (Path(settings["output_dir"]) / "codit.jsonl").read_text().splitlines()]
   assert {l["id"] for l in lines} == set(records)
-  assert {"instruction", "output", "is_completed", "logprobs", "generation_config"} <= set(lines[0])
+  for line in lines:  # the authors' layout; score: the contrastive log-probs, the end token's included
+    assert list(line) == AUTHORS_KEYS
+    got = records[line["id"]]
+    assert line["is_completed"] == (got["finish_reason"] == "stop") and line["response"] == got["response"]
+    assert len(line["score"]) == len(got["response_tokens"]) + line["is_completed"]
+    np.testing.assert_allclose(line["score"][:len(got["codit_logprobs"])], got["codit_logprobs"], atol=1e-6)
+    assert line["res_metadata"]["expert_model_id"] == post and line["res_metadata"]["contrastive_decoding"]
 
 
 def test_pair_parallel_writes_the_same_dataset(tmp_path):
@@ -140,34 +147,41 @@ def test_direct_mode_records_no_pre_logprobs(tmp_path):
   assert all(r["pre_logprobs"] == [] and r["response_tokens"] for r in _records(settings["output_dir"]).values())
 
 
+def _finished_parts(out_dir: Path) -> int:
+  return len(list((out_dir / "parts").glob("*.index.json")))
+
+
 def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+  """Rows are written as they finish (a part every 2 rows); SIGKILL twice part-way, then the same command:
+  the same records by id as an uninterrupted run, every id once."""
   prompts_file = _write_prompts(tmp_path / "seed.jsonl", 40, seed=1)
-  common = _overrides(tmp_path, prompts=str(prompts_file), batch_size=2, max_new_tokens=16, temperature=1.0,
-                      top_p=0.9, seed=5)
+  common = _overrides(tmp_path, prompts=str(prompts_file), batch_size=4, max_new_tokens=16, temperature=1.0,
+                      top_p=0.9, seed=5, rows_per_shard=2, write_jsonl=True)
   whole = dict(common, output_dir=str(tmp_path / "whole"))
-  killed = dict(common, output_dir=str(tmp_path / "killed"))
+  killed = dict(common, output_dir=str(tmp_path / "killed"), batch_size=2)  # the slots do not change the rows
   reference = _cli(_flags(whole))
   _, err = reference.communicate(timeout=600)
   assert reference.returncode == 0, err
 
-  # Kill twice at moments picked by the shard count, then let the third run finish.
+  out_dir = Path(killed["output_dir"])
   for kill_after in (3, 9):
     run = _cli(_flags(killed))
-    out_dir = Path(killed["output_dir"])
-    while run.poll() is None and len(list(out_dir.glob("codit-train.tfrecord-?????"))) < kill_after:
+    while run.poll() is None and _finished_parts(out_dir) < kill_after:
       time.sleep(0.005)
     run.send_signal(signal.SIGKILL)
     run.communicate()
-    written = len(list(out_dir.glob("codit-train.tfrecord-?????")))
-    assert kill_after <= written < 20, "the run should have been killed part-way"
+    assert kill_after <= _finished_parts(out_dir) < 20, "the run should have been killed part-way"
     assert not (out_dir / "dataset_info.json").exists()
   resumed = _cli(_flags(killed))
   _, err = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, err
   assert "already written" in err
+  ids = [r["id"] for r in writer.read_examples(killed["output_dir"])]
+  assert len(ids) == len(set(ids)) == 40
   assert _records(killed["output_dir"]) == _records(whole["output_dir"])
-  assert len(_records(whole["output_dir"])) == 40
-  assert not list(Path(killed["output_dir"]).glob("*.tmp-*"))
+  jsonl = [json.loads(l)["id"] for l in (out_dir / "codit.jsonl").read_text().splitlines()]
+  assert sorted(jsonl) == sorted(ids)
+  assert not list(out_dir.rglob("*.tmp-*"))
 
 
 def _free_port() -> int:
@@ -197,8 +211,8 @@ def test_two_processes_equal_one(tmp_path, pair_parallel):
   for run in runs:
     _, err = run.communicate(timeout=600)
     assert run.returncode == 0, err
-  shards = sorted(p.name for p in Path(multi["output_dir"]).glob("codit-train.tfrecord-*"))
-  assert len(shards) == 2 * 3  # 3 batches of 4 (11 prompts), one shard per process each
+  parts = [json.loads(p.read_text()) for p in (Path(multi["output_dir"]) / "parts").glob("*.index.json")]
+  assert len(parts) >= 2  # each process wrote its own rows
   assert len(list(writer.read_examples(multi["output_dir"]))) == 11  # no row twice
   a, b = _records(single["output_dir"]), _records(multi["output_dir"])
   assert sorted(a) == sorted(b) == sorted(f"p{i}" for i in range(11))
@@ -285,10 +299,116 @@ def test_other_settings_against_existing_output_refused_unless_forced(tmp_path):
   assert generate_app.generate(_config(**dict(settings, alpha=0.05)))["rows"] == 2
 
 
-def test_plan_is_deterministic_and_sorted_by_length():
-  items = [generate_app.Prompt(str(i), "", tuple(range(n))) for i, n in enumerate([5, 3, 9, 3, 1])]
-  plan = generate_app.plan_batches(items, 2)
-  assert [[p.id for p in b] for b in plan] == [["4", "1"], ["3", "0"], ["2"]]
+def _edit_prompts(path: Path, edit) -> None:
+  lines = [json.loads(l) for l in path.read_text().splitlines()]
+  path.write_text("".join(json.dumps(edit(r)) + "\n" for r in lines))
+
+
+def test_rerun_with_changed_prompts_refused_appended_prompts_answered(tmp_path):
+  """Issue 15.1: a rerun whose prompts changed under the same ids is refused, naming the first id; prompts
+  appended to the file are answered alone; --force starts over."""
+  prompts_file = _write_prompts(tmp_path / "seed.jsonl", 3)
+  settings = _overrides(tmp_path, prompts=str(prompts_file))
+  first = _records(settings["output_dir"]) if generate_app.generate(_config(**settings)) else None
+  again = generate_app.generate(_config(**settings))
+  assert again["new_rows"] == 0 and again["rows"] == 3
+  with prompts_file.open("a") as f:
+    f.write(json.dumps({"id": "new", "instruction": "write a story about the moon"}) + "\n")
+  appended = generate_app.generate(_config(**settings))
+  assert appended["new_rows"] == 1 and appended["rows"] == 4
+  records = _records(settings["output_dir"])
+  assert {k: records[k] for k in first} == first  # the old rows untouched
+
+  _edit_prompts(prompts_file, lambda r: dict(r, instruction=r["instruction"] + " again"))
+  with pytest.raises(CoditError, match=r"the prompt of id 'p0' has changed.*\(4 id\(s\) differ\).*--force"):
+    generate_app.generate(_config(**settings))
+  assert _records(settings["output_dir"]) == records  # a refusal changes nothing
+  _edit_prompts(prompts_file, lambda r: dict(r, instruction=r["instruction"].removesuffix(" again")))
+  lines = prompts_file.read_text().splitlines()
+  prompts_file.write_text("\n".join(lines[1:]) + "\n")  # p0 removed: its row is stale
+  with pytest.raises(CoditError, match=r"1 id\(s\) that the prompts no longer have \(first: 'p0'\)"):
+    generate_app.generate(_config(**settings))
+  forced = generate_app.generate(_config(**settings), force=True)
+  assert forced["rows"] == 3 and forced["new_rows"] == 3
+  assert sorted(_records(settings["output_dir"])) == ["new", "p1", "p2"]
+
+
+def test_output_dir_claims_only_empty_or_own_folders_and_force_keeps_user_files(tmp_path):
+  """Issue 15.2: a non-empty folder without a dataset is refused (with --force too); in a dataset folder
+  --force deletes only what codit-generate wrote."""
+  settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 2)), write_jsonl=True)
+  out = Path(settings["output_dir"])
+  out.mkdir()
+  (out / "important.txt").write_text("mine")
+  (out / "notes").mkdir()
+  (out / "notes" / "a.md").write_text("mine too")
+  for force in (False, True):
+    with pytest.raises(CoditError, match=r"is not empty and holds no codit-generate dataset.*important.txt"):
+      generate_app.generate(_config(**settings), force=force)
+  assert sorted(p.name for p in out.iterdir()) == ["important.txt", "notes"]  # nothing written
+  (out / "important.txt").unlink()
+  (out / "notes" / "a.md").unlink()
+  (out / "notes").rmdir()
+  generate_app.generate(_config(**settings))
+  (out / "important.txt").write_text("mine")  # a user's file in the dataset folder
+  generate_app.generate(_config(**dict(settings, alpha=0.05)), force=True)
+  assert (out / "important.txt").read_text() == "mine"
+  assert tfds.builder_from_directory(str(out)).info.metadata["alpha"] == 0.05
+
+
+@pytest.mark.parametrize("content", ["", '{"id": "a"}\n{"id": "b", "instruction": ""}\n'])
+def test_no_usable_prompt_is_one_message_and_writes_nothing(tmp_path, content):
+  """Issue 15.3: an empty or all-invalid prompts file: one message counting what was skipped, exit 1, no
+  output_dir; the fixed file then runs."""
+  prompts_file = tmp_path / "seed.jsonl"
+  prompts_file.write_text(content)
+  settings = _overrides(tmp_path, prompts=str(prompts_file))
+  run = _cli(_flags(settings))
+  _, err = run.communicate(timeout=600)
+  assert run.returncode == 1 and "Traceback" not in err, err
+  assert "holds no usable prompt, so nothing was written" in err
+  if content:
+    assert "2 records skipped" in err and "missing_instruction: 1" in err and "empty_instruction: 1" in err
+  assert not Path(settings["output_dir"]).exists()
+  _write_prompts(prompts_file, 2)
+  assert generate_app.generate(_config(**settings))["rows"] == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(mode="contrast"), "mode 'contrast' is not one of codit, direct"),
+    (dict(alpha=0.0), "alpha must be in (0, 1]"),
+    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(dtype="float16"), "dtype 'float16' is not supported"),
+    (dict(pre_trained="WEIGHTLESS"), "holds no *.safetensors weights"),
+])
+def test_bad_values_refused_before_output_dir_is_touched(tmp_path, change, message):
+  """Issue 15.4: checked before anything is written or loaded; the corrected command then runs without --force."""
+  settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 2)))
+  if change.get("pre_trained") == "WEIGHTLESS":
+    weightless = tmp_path / "weightless"
+    weightless.mkdir()
+    for f in Path(settings["pre_trained"]).iterdir():
+      if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+        (weightless / f.name).write_bytes(f.read_bytes())
+    change = dict(pre_trained=str(weightless))
+  with pytest.raises(CoditError) as error:
+    generate_app.generate(_config(**dict(settings, **change)))
+  assert message in str(error.value)
+  assert not Path(settings["output_dir"]).exists()
+  assert generate_app.generate(_config(**settings))["rows"] == 2
+
+
+def test_unusable_output_dir_is_one_line(tmp_path):
+  """Issue 15.5: output_dir an existing file, or where nothing can be written (/sys refuses even root)."""
+  prompts_file = str(_write_prompts(tmp_path / "seed.jsonl", 2))
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  for output_dir, message in ((a_file, "is an existing file, not a folder"), ("/sys/codit-out", "/sys")):
+    run = _cli(_flags(_overrides(tmp_path, prompts=prompts_file, output_dir=str(output_dir))))
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 1 and "Traceback" not in err, err
+    assert err.count("codit-generate: error:") == 1 and message in err
+  assert a_file.read_text() == "x"
 
 
 def test_console_script_installed():

@@ -56,12 +56,13 @@ def _write_jsonl(path: Path, records: list[dict]) -> str:
 
 def _write_codit_dataset(folder: Path, records: list[dict]) -> str:
   """A TFDS folder as codit-generate writes it."""
-  examples = [dict(r, response_tokens=[1, 2], post_logprobs=[-0.5, -0.1], pre_logprobs=[-1.0, -2.0])
-              for r in records]
   dataset = writer.DatasetWriter(str(folder), {"test": True})
   dataset.claim()
-  dataset.write_shard(0, examples)
-  dataset.finish(1, metadata={}, description="")
+  for r in records:
+    dataset.add(dict(r, response_tokens=[1, 2], post_logprobs=[-0.5, -0.1], pre_logprobs=[-1.0, -2.0],
+                     codit_logprobs=[-0.5, -0.1], end_codit_logprob=-0.2 if r["finish_reason"] == "stop" else None),
+                "digest")
+  dataset.finish(metadata={}, description="")
   return str(folder)
 
 

@@ -212,14 +212,18 @@ class DatasetWriter:
             "to delete it and start over.")
       self._check_writable(self.output_dir)
 
-  def claim(self, force: bool = False) -> None:
+  def claim(self, force: bool = False, restart: bool = False) -> None:
     """Process 0 only: checks, then (with force, for another dataset) deletes only this project's
-    files, creates the folder and records the settings in run.json."""
+    files, creates the folder and records the settings in run.json.
+
+    restart (with force): delete the dataset even if its settings are these, e.g. because it
+    was written from other prompts.
+    """
     self.check_claimable(force)
     with _as_codit_error(self.output_dir):
       if tf.io.gfile.exists(self.output_dir):
         previous = self._previous_settings()
-        if previous != self.run_settings and self._project_files():
+        if (previous != self.run_settings or (force and restart)) and self._project_files():
           self._delete_project_files()
         elif previous == self.run_settings:
           return
