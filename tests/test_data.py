@@ -561,6 +561,17 @@ def test_repetition_length_boundary():
   assert not repetition.is_repetitive("")
 
 
+def test_repetition_minimum_length_counts_the_stripped_text():
+  # As the reference: `len(text.strip()) >= 100`. 99 repeated characters padded with whitespace to 103 raw
+  # characters (every n-gram share far above its threshold) are too short; 100 with padding are flagged.
+  padded = "\n " + "ab" * 49 + "a" + " \n"
+  assert len(padded) == 103 and len(padded.strip()) == 99
+  assert repetition.top_ngram_share(padded, 2) >= repetition.TOP_NGRAM_SHARE[2]
+  assert not repetition.is_repetitive(padded)
+  assert not repetition.is_repetitive(" " * 150)
+  assert repetition.is_repetitive("\n " + "ab" * 50 + " \n")
+
+
 def test_repetition_bigram_share_at_the_threshold_counts():
   # 101 characters have 100 bigrams: 16 of them "xy" is a share of exactly 16/100 = 0.16.
   at_threshold = _with_bigram_repeated(16)
