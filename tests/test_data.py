@@ -462,6 +462,41 @@ def test_no_end_token_at_all_is_an_error():
     prompts.end_token_ids(NoEos(), {})
 
 
+def test_real_vocab_size_is_the_highest_id_plus_one(tokenizers, tmp_path):
+  for family, tokenizer in tokenizers.items():
+    assert prompts.real_vocab_size(tokenizer, family) == len(tokenizer) == tiny_checkpoints.TOKENIZER_SIZE
+  # Added tokens are part of the vocabulary (fast tokenizers list them in get_vocab()).
+  grown = tiny_checkpoints.make_tokenizer(tmp_path / "grown", "qwen3")
+  grown.add_tokens(["<|new_token|>"], special_tokens=True)
+  assert prompts.real_vocab_size(grown, "grown") == tiny_checkpoints.TOKENIZER_SIZE + 1
+  assert grown.get_vocab()["<|new_token|>"] == tiny_checkpoints.TOKENIZER_SIZE
+
+  class Tokenizer:  # a tokenizer class that leaves its added tokens out of get_vocab(), and two names of id 1
+    added_tokens_decoder = {3: "<added>"}
+
+    def get_vocab(self):
+      return {"a": 0, "b": 1, "also b": 1, "c": 2}
+  assert prompts.real_vocab_size(Tokenizer(), "duck") == 4
+
+
+def test_real_vocab_size_refuses_ids_with_holes():
+  import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 6, "d": 9}  # 3, 4, 5, 7, 8 missing
+  backend = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  holey = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+  assert len(holey.get_vocab()) == 5  # what len(get_vocab()) would take, cutting off ids 6 and 9
+  with pytest.raises(CoditError, match=r"tokenizer of org/holey has holes in its token ids: 5 of the ids "
+                                       r"0\.\.9 have no token \(first: 3, 4, 5, 7, 8\)"):
+    prompts.real_vocab_size(holey, "org/holey")
+
+  class Empty:
+    def get_vocab(self):
+      return {}
+  with pytest.raises(CoditError, match="tokenizer of empty has no tokens"):
+    prompts.real_vocab_size(Empty(), "empty")
+
+
 _LONG_INSTRUCTION = (
     "Summarize the following story. Once upon a time, in a small village near the sea, there lived an old "
     "fisherman and his wife. Every morning the fisherman went out in his boat, and every evening he came back "
