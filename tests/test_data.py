@@ -59,6 +59,22 @@ def test_jsonl_seed_format_keeps_ids_and_numbers_missing_ones_by_line(tmp_path):
   assert report.summary() == f"{path}: 4 instructions read, 0 records skipped."
 
 
+def test_a_line_number_id_colliding_with_an_explicit_id_is_reported(tmp_path):
+  path = _write_lines(tmp_path / "seeds.jsonl", [
+      {"id": "3", "instruction": "Explicit id 3."},    # line 1
+      {"instruction": "No id: numbered 2."},           # line 2 -> id "2"
+      {"instruction": "No id: numbered 3."},           # line 3 -> id "3", taken by line 1: skipped
+      {"id": 2, "instruction": "Explicit id 2."},      # line 4 -> id "2", taken by line 2: skipped
+  ])
+  records, report = instructions.load_instructions(path)
+  assert _ids(records) == ["3", "2"] and [r.line for r in records] == [1, 2]
+  assert report.counts == {"duplicate_id": 2}
+  assert report.examples == [
+      f"{path} line 3: no id, so numbered by its line, but id '3' already appeared earlier in this input (line 1)",
+      f"{path} line 4: id '2' already appeared earlier in this input (line 2, which has no id and is numbered by "
+      "its line)"]
+
+
 def test_jsonl_byte_order_mark_and_crlf_line_ends(tmp_path):
   # Files saved on Windows: a BOM before the first record and \r\n line ends.
   path = tmp_path / "windows.jsonl"
@@ -190,7 +206,7 @@ def test_tfds_folder_with_field_mapping(tfds_folder):
   assert records == [Instruction("a", "Say hi.", str(folder), 0), Instruction("c", "Name a fish.", str(folder), 2)]
   assert report.counts == {"empty_instruction": 1, "duplicate_id": 1}
   assert report.examples == [f"{folder} record 1: 'prompt' is empty",
-                             f"{folder} record 3: id 'a' already appeared earlier in this input"]
+                             f"{folder} record 3: id 'a' already appeared earlier in this input (record 0)"]
   records, _ = instructions.load_instructions(folder, fields=fields, split="test")
   assert [(r.id, r.instruction) for r in records] == [("t", "Only test.")]
   with pytest.raises(CoditError, match=r"no split 'validation'; it has \['test', 'train'\]"):
