@@ -59,6 +59,22 @@ def test_jsonl_seed_format_keeps_ids_and_numbers_missing_ones_by_line(tmp_path):
   assert report.summary() == f"{path}: 4 instructions read, 0 records skipped."
 
 
+def test_a_line_number_id_colliding_with_an_explicit_id_is_reported(tmp_path):
+  path = _write_lines(tmp_path / "seeds.jsonl", [
+      {"id": "3", "instruction": "Explicit id 3."},    # line 1
+      {"instruction": "No id: numbered 2."},           # line 2 -> id "2"
+      {"instruction": "No id: numbered 3."},           # line 3 -> id "3", taken by line 1: skipped
+      {"id": 2, "instruction": "Explicit id 2."},      # line 4 -> id "2", taken by line 2: skipped
+  ])
+  records, report = instructions.load_instructions(path)
+  assert _ids(records) == ["3", "2"] and [r.line for r in records] == [1, 2]
+  assert report.counts == {"duplicate_id": 2}
+  assert report.examples == [
+      f"{path} line 3: no id, so numbered by its line, but id '3' already appeared earlier in this input (line 1)",
+      f"{path} line 4: id '2' already appeared earlier in this input (line 2, which has no id and is numbered by "
+      "its line)"]
+
+
 def test_jsonl_byte_order_mark_and_crlf_line_ends(tmp_path):
   # Files saved on Windows: a BOM before the first record and \r\n line ends.
   path = tmp_path / "windows.jsonl"
@@ -190,7 +206,7 @@ def test_tfds_folder_with_field_mapping(tfds_folder):
   assert records == [Instruction("a", "Say hi.", str(folder), 0), Instruction("c", "Name a fish.", str(folder), 2)]
   assert report.counts == {"empty_instruction": 1, "duplicate_id": 1}
   assert report.examples == [f"{folder} record 1: 'prompt' is empty",
-                             f"{folder} record 3: id 'a' already appeared earlier in this input"]
+                             f"{folder} record 3: id 'a' already appeared earlier in this input (record 0)"]
   records, _ = instructions.load_instructions(folder, fields=fields, split="test")
   assert [(r.id, r.instruction) for r in records] == [("t", "Only test.")]
   with pytest.raises(CoditError, match=r"no split 'validation'; it has \['test', 'train'\]"):
@@ -462,6 +478,41 @@ def test_no_end_token_at_all_is_an_error():
     prompts.end_token_ids(NoEos(), {})
 
 
+def test_real_vocab_size_is_the_highest_id_plus_one(tokenizers, tmp_path):
+  for family, tokenizer in tokenizers.items():
+    assert prompts.real_vocab_size(tokenizer, family) == len(tokenizer) == tiny_checkpoints.TOKENIZER_SIZE
+  # Added tokens are part of the vocabulary (fast tokenizers list them in get_vocab()).
+  grown = tiny_checkpoints.make_tokenizer(tmp_path / "grown", "qwen3")
+  grown.add_tokens(["<|new_token|>"], special_tokens=True)
+  assert prompts.real_vocab_size(grown, "grown") == tiny_checkpoints.TOKENIZER_SIZE + 1
+  assert grown.get_vocab()["<|new_token|>"] == tiny_checkpoints.TOKENIZER_SIZE
+
+  class Tokenizer:  # a tokenizer class that leaves its added tokens out of get_vocab(), and two names of id 1
+    added_tokens_decoder = {3: "<added>"}
+
+    def get_vocab(self):
+      return {"a": 0, "b": 1, "also b": 1, "c": 2}
+  assert prompts.real_vocab_size(Tokenizer(), "duck") == 4
+
+
+def test_real_vocab_size_refuses_ids_with_holes():
+  import tokenizers as hf_tokenizers  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  vocab = {"<unk>": 0, "a": 1, "b": 2, "c": 6, "d": 9}  # 3, 4, 5, 7, 8 missing
+  backend = hf_tokenizers.Tokenizer(hf_tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+  holey = transformers.PreTrainedTokenizerFast(tokenizer_object=backend)
+  assert len(holey.get_vocab()) == 5  # what len(get_vocab()) would take, cutting off ids 6 and 9
+  with pytest.raises(CoditError, match=r"tokenizer of org/holey has holes in its token ids: 5 of the ids "
+                                       r"0\.\.9 have no token \(first: 3, 4, 5, 7, 8\)"):
+    prompts.real_vocab_size(holey, "org/holey")
+
+  class Empty:
+    def get_vocab(self):
+      return {}
+  with pytest.raises(CoditError, match="tokenizer of empty has no tokens"):
+    prompts.real_vocab_size(Empty(), "empty")
+
+
 _LONG_INSTRUCTION = (
     "Summarize the following story. Once upon a time, in a small village near the sea, there lived an old "
     "fisherman and his wife. Every morning the fisherman went out in his boat, and every evening he came back "
@@ -559,6 +610,17 @@ def test_repetition_length_boundary():
   assert not repetition.is_repetitive("a" * 99)
   assert repetition.is_repetitive("a" * 100)
   assert not repetition.is_repetitive("")
+
+
+def test_repetition_minimum_length_counts_the_stripped_text():
+  # As the reference: `len(text.strip()) >= 100`. 99 repeated characters padded with whitespace to 103 raw
+  # characters (every n-gram share far above its threshold) are too short; 100 with padding are flagged.
+  padded = "\n " + "ab" * 49 + "a" + " \n"
+  assert len(padded) == 103 and len(padded.strip()) == 99
+  assert repetition.top_ngram_share(padded, 2) >= repetition.TOP_NGRAM_SHARE[2]
+  assert not repetition.is_repetitive(padded)
+  assert not repetition.is_repetitive(" " * 150)
+  assert repetition.is_repetitive("\n " + "ab" * 50 + " \n")
 
 
 def test_repetition_bigram_share_at_the_threshold_counts():

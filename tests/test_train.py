@@ -275,6 +275,138 @@ def test_filters_drop_repetitive_and_unfinished_rows(tmp_path):
   assert data.read_datasets(reference, drop_repetitive=True, drop_unfinished=True)[0].response == "b"
 
 
+_RES_METADATA = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4096, "contrastive_decoding": True, "alpha": 0.01,
+                 "beta": 1.0, "expert_model_id": "Qwen/Qwen3-8B", "amateur_model_id": "Qwen/Qwen3-8B-Base"}
+
+
+def _authors_records(n: int, seed: int = 0) -> list[dict]:
+  """Records in the authors' layout (their JSONL and their released CoDIT-* datasets)."""
+  return [{"id": f"conv_{i}", "is_completed": r["finish_reason"] == "stop", "instruction": r["instruction"],
+           "response": r["response"], "res_metadata": dict(_RES_METADATA), "score": [-0.25, -1.5, -0.0]}
+          for i, r in enumerate(_records(n, seed))]
+
+
+def _write_parquet(path: Path, records: list[dict]) -> str:
+  """A Parquet file as the Hub's `datasets` writes one: nested res_metadata struct, score list, schema metadata."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  table = pa.Table.from_pylist(records)
+  table = table.replace_schema_metadata({b"huggingface": json.dumps({"info": {"features": {}}}).encode()})
+  path.parent.mkdir(parents=True, exist_ok=True)
+  pq.write_table(table, path, row_group_size=2)  # several row groups: read in batches
+  return str(path)
+
+
+def _fields(examples):
+  return [(e.instruction, e.response, e.finished, e.repetitive) for e in examples]
+
+
+def test_authors_layout_is_completed_decides_what_is_unfinished(tmp_path):
+  records = _authors_records(8)
+  records[3]["response"] = "ab" * 60  # degenerate: their records carry no flag, so it is computed
+  path = _write_jsonl(tmp_path / "codit.jsonl", records)
+  everything = data.read_datasets(path, drop_repetitive=False, drop_unfinished=False)
+  assert [e.finished for e in everything] == [r["is_completed"] for r in records]
+  assert [e.repetitive for e in everything] == [i == 3 for i in range(8)]
+  report = data.DataReport()
+  kept = data.read_datasets(path, drop_repetitive=True, drop_unfinished=True, report=report)
+  unfinished = sum(not r["is_completed"] and i != 3 for i, r in enumerate(records))
+  assert unfinished and report.dropped == {"repetitive": 1, "unfinished": unfinished}
+  assert report.read == 8 and len(kept) == 8 - 1 - unfinished and all(e.finished for e in kept)
+  # finish_reason, where a record has it, wins; a record with neither counts as finished.
+  both = _write_jsonl(tmp_path / "both.jsonl", [{"instruction": "a", "response": "b", "finish_reason": "length",
+                                                 "is_completed": True}, {"instruction": "c", "response": "d"}])
+  assert [e.finished for e in data.read_datasets(both, drop_repetitive=True, drop_unfinished=False)] == [False, True]
+  bad = _write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "a", "response": "b", "is_completed": "yes"}])
+  with pytest.raises(CoditError, match=rf"{bad}:1: field 'is_completed' must be true or false, not 'yes'"):
+    data.read_datasets(bad, drop_repetitive=True, drop_unfinished=True)
+
+
+def test_hub_dataset_folder_of_parquet_shards_reads_as_downloaded(tmp_path):
+  records = _authors_records(10)
+  snapshot = tmp_path / "snapshot"
+  _write_parquet(snapshot / "data" / "train-00000-of-00002.parquet", records[:6])
+  # As in the Hub cache: the snapshot's files are links to blobs.
+  blob = Path(_write_parquet(tmp_path / "blobs" / "5f3a9c", records[6:]))
+  (snapshot / "data" / "train-00001-of-00002.parquet").symlink_to(blob)
+  _write_parquet(snapshot / "data" / "test-00000-of-00001.parquet", _authors_records(3, seed=1))  # another split
+  (snapshot / "README.md").write_text("---\nlicense: apache-2.0\n---\n# CoDIT-Qwen3-8B\n")
+  (snapshot / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+  (snapshot / ".cache" / "huggingface").mkdir(parents=True)  # huggingface-cli download --local-dir leaves this
+  _write_jsonl(snapshot / ".cache" / "huggingface" / "stale.jsonl", [{"instruction": "x", "response": "y"}])
+  expected = _fields(data.read_datasets(_write_jsonl(tmp_path / "all.jsonl", records),
+                                        drop_repetitive=False, drop_unfinished=False))
+
+  read = functools.partial(data.read_datasets, drop_repetitive=False, drop_unfinished=False)
+  assert _fields(read(str(snapshot))) == expected
+  assert [p.name for p in data.data_files(snapshot)] == ["train-00000-of-00002.parquet",
+                                                         "train-00001-of-00002.parquet"]
+  # One file, or a comma-separated list of files, reads the same.
+  shards = sorted(str(p) for p in (snapshot / "data").glob("train-*.parquet"))
+  assert _fields(read(shards[0])) == expected[:6]
+  assert _fields(read(",".join(shards))) == expected
+  # drop_unfinished uses is_completed here too.
+  kept = data.read_datasets(str(snapshot), drop_repetitive=True, drop_unfinished=True)
+  assert _fields(kept) == [f for f in expected if f[2]] and len(kept) < len(expected)
+  # A folder of JSONL files (their own output) reads too; without split names every file is read.
+  jsonl_folder = tmp_path / "jsonl_folder"
+  jsonl_folder.mkdir()
+  _write_jsonl(jsonl_folder / "codit_a.jsonl", records[:4])
+  _write_jsonl(jsonl_folder / "codit_b.jsonl", records[4:])
+  (jsonl_folder / "README.md").write_text("# outputs\n")
+  assert _fields(read(str(jsonl_folder))) == expected
+
+
+def test_rows_without_a_response_are_skipped_and_counted(tmp_path):
+  records = _authors_records(6)
+  records[1]["response"] = None  # a null in Parquet
+  records[2]["response"] = ""
+  records[3]["response"] = " \n "
+  records[4]["instruction"] = ""
+  path = _write_parquet(tmp_path / "data" / "train-00000-of-00001.parquet", records)
+  report = data.DataReport()
+  kept = data.read_datasets(str(tmp_path), drop_repetitive=False, drop_unfinished=False, report=report)
+  assert [e.where for e in kept] == [f"{path} row 0", f"{path} row 5"]
+  assert report.read == 6 and report.kept == 2
+  assert report.dropped == {"missing_response": 1, "empty_response": 2, "empty_instruction": 1}
+  lines = _authors_records(3)
+  del lines[0]["response"]
+  jsonl = _write_jsonl(tmp_path / "lines.jsonl", lines)
+  report = data.DataReport()
+  assert len(data.read_datasets(jsonl, drop_repetitive=False, drop_unfinished=False, report=report)) == 2
+  assert report.read == 3 and report.dropped == {"missing_response": 1}
+
+
+def test_folders_without_usable_data_files_give_one_line_errors(tmp_path):
+  read = functools.partial(data.read_datasets, drop_repetitive=True, drop_unfinished=True)
+  readme_only = tmp_path / "readme_only"
+  readme_only.mkdir()
+  (readme_only / "README.md").write_text("# A dataset card\n")
+  (readme_only / ".gitattributes").write_text("*.parquet filter=lfs\n")
+  with pytest.raises(CoditError, match=rf"^{readme_only} holds no data files: no dataset_info.json \(TFDS\) and "
+                                       r"no \*\.parquet or \*\.jsonl files under it\. [^\n]*$"):
+    read(str(readme_only))
+  clone = tmp_path / "clone"  # git clone without git-lfs: pointers instead of the data
+  (clone / "data").mkdir(parents=True)
+  pointer = clone / "data" / "train-00000-of-00001.parquet"
+  pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 12345\n")
+  with pytest.raises(CoditError, match=rf"{pointer} is a Git LFS pointer, not the data"):
+    read(str(clone))
+  mixed = tmp_path / "mixed"
+  _write_parquet(mixed / "train.parquet", _authors_records(2))
+  _write_jsonl(mixed / "train.jsonl", _authors_records(2))
+  with pytest.raises(CoditError, match=rf"{mixed} holds both Parquet and JSONL files"):
+    read(str(mixed))
+  no_response = _write_parquet(tmp_path / "no_response.parquet", [{"instruction": "a", "answer": "b"}])
+  with pytest.raises(CoditError, match=rf"{no_response}: the Parquet file has no column 'response' \(its "
+                                       r"columns: instruction, answer\)"):
+    read(no_response)
+  broken = tmp_path / "broken.parquet"
+  broken.write_bytes(b"PAR1 not really")
+  with pytest.raises(CoditError, match=rf"{broken} is not a readable Parquet file"):
+    read(str(broken))
+
+
 def test_unfinished_responses_get_no_end_token():
   student = _student("llama")
   fmt = data.ChatFormat.for_student(transformers.AutoTokenizer.from_pretrained(student), student)
@@ -325,9 +457,12 @@ def test_bad_datasets_give_clear_errors(tmp_path):
   missing = str(tmp_path / "nope.jsonl")
   with pytest.raises(CoditError, match=f"dataset '{missing}' does not exist"):
     read(missing)
-  lacking = _write_jsonl(tmp_path / "lacking.jsonl", [{"instruction": "a", "response": "b"}, {"instruction": "c"}])
-  with pytest.raises(CoditError, match=rf"{lacking}:2: field 'response' is missing"):
+  lacking = _write_jsonl(tmp_path / "lacking.jsonl", [{"instruction": "a", "answer": "b"}, {"instruction": "c"}])
+  with pytest.raises(CoditError, match=rf"{lacking}: no line has the field 'response' \(or 'output'\)"):
     read(lacking)
+  not_text = _write_jsonl(tmp_path / "not_text.jsonl", [{"instruction": "a", "response": ["b"]}])
+  with pytest.raises(CoditError, match=rf"{not_text}:1: field 'response' must be text, not list"):
+    read(not_text)
   bad_reason = _write_jsonl(tmp_path / "reason.jsonl", [{"instruction": "a", "response": "b", "finish_reason": "eos"}])
   with pytest.raises(CoditError, match=rf"{bad_reason}:1: field 'finish_reason' is 'eos'"):
     read(bad_reason)

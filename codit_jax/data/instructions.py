@@ -6,9 +6,17 @@ record is logged (absl warning) with its file and position, skipped, and
 counted by kind in an `InputReport`. `strict=True` turns the first bad record
 into a `CoditError` instead.
 
-Positions: JSONL records carry their 1-based line number; JSON arrays, Parquet
-tables and TFDS splits carry their 0-based record index. A record without an
-id gets its position as id, so ids stay stable when a run is resumed.
+Positions: JSONL records carry their 1-based line number (blank lines count,
+so it is the line an editor shows); JSON arrays, Parquet tables and TFDS
+splits carry their 0-based record index. A record without an id (no id
+field, or null) gets its position as text as its id: line 5 of a JSONL file
+gets "5", the first row of a Parquet file "0". Ids are then stable when a
+run is resumed or the file grows at its end. (The authors' code numbers such
+records `conv_{i}` from 0, so their ids differ from these, and with them the
+per-example sampling keys.) Such an id can equal an explicit id of another record
+(line 3 without an id and a record with id "3", or 3): whichever comes
+second is reported as duplicate_id and skipped, and the message says which
+side's id is its position.
 
 Kinds of bad record (the keys of `InputReport.counts`):
   malformed_json          a JSONL line that is not JSON (or not UTF-8)
@@ -17,7 +25,7 @@ Kinds of bad record (the keys of `InputReport.counts`):
   empty_instruction       an instruction that is empty or only whitespace
   instruction_not_string  an instruction that is not text (or holds a lone surrogate)
   bad_id                  an id that is neither text nor an integer, or empty, or a lone surrogate
-  duplicate_id            an id already seen earlier in the same input
+  duplicate_id            an id already seen earlier in the same input (explicit or a position, see above)
 """
 
 from __future__ import annotations
@@ -131,17 +139,30 @@ def read_instructions(source: str | Path, *, format: str | None = None,  # pylin
 
 def _good_instructions(raw_records: Iterator[tuple[int, Any]], source: str, position_word: str,
                        fields: FieldMap, strict: bool, report: InputReport) -> Iterator[Instruction]:
-  seen_ids: set[str] = set()
+  seen_ids: dict[str, tuple[int, bool]] = {}  # id -> (position, whether the id is that position)
   for position, raw in raw_records:
     result = raw if isinstance(raw, _Problem) else _to_instruction(raw, position, fields, source)
+    numbered = isinstance(raw, Mapping) and raw.get(fields.id) is None
     if isinstance(result, Instruction) and result.id in seen_ids:
-      result = _Problem("duplicate_id", f"id {result.id!r} already appeared earlier in this input")
+      result = _duplicate(result.id, numbered, *seen_ids[result.id], position_word)
     if isinstance(result, _Problem):
       _report_problem(report, f"{source} {position_word} {position}", result, strict)
       continue
-    seen_ids.add(result.id)
+    seen_ids[result.id] = (position, numbered)
     report.records_read += 1
     yield result
+
+
+def _duplicate(record_id: str, numbered: bool, first_position: int, first_numbered: bool,
+               position_word: str) -> _Problem:
+  """A duplicate id; when one side's id is its position (it has none), the message says so."""
+  message = f"id {record_id!r} already appeared earlier in this input"
+  if numbered:
+    message = f"no id, so numbered by its {position_word}, but {message}"
+  first = f"{position_word} {first_position}"
+  if first_numbered:
+    first += f", which has no id and is numbered by its {position_word}"
+  return _Problem("duplicate_id", f"{message} ({first})")
 
 
 def load_instructions(source: str | Path, **kwargs) -> tuple[list[Instruction], InputReport]:

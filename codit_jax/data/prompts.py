@@ -1,4 +1,4 @@
-"""Prompts as CoDIT builds them, the end tokens it stops on, and a prompt length guard.
+"""Prompts as CoDIT builds them, the end tokens it stops on, the real vocabulary, a prompt length guard.
 
 The prompt is the post-trained tokenizer's chat template applied to one user
 turn (optionally after a system turn) with `add_generation_prompt=True`. The
@@ -99,6 +99,37 @@ def _as_id_list(value: Any) -> list[int]:
   if value is None:
     return []
   return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def real_vocab_size(tokenizer, source: str) -> int:
+  """The tokenizer's real vocabulary size: its highest token id + 1.
+
+  The ids are those of `tokenizer.get_vocab()` (which holds the added tokens
+  too, for fast and slow tokenizers) together with `added_tokens_decoder`, in
+  case a tokenizer class leaves its added tokens out of get_vocab(). Ids must
+  run 0..size-1 without holes: scores are computed over the first `size`
+  entries of the logits, and an id missing in between would be a logit
+  without a token (sampled, it decodes to nothing). `len(get_vocab())` would
+  silently cut off the top ids of such a tokenizer, so it is refused with a
+  CoditError naming `source` (the tokenizer's folder or Hub id) and the first
+  missing ids.
+  """
+  ids = {int(i) for i in tokenizer.get_vocab().values()}
+  ids |= {int(i) for i in (getattr(tokenizer, "added_tokens_decoder", None) or {})}
+  if not ids:
+    raise CoditError(f"the tokenizer of {source} has no tokens (an empty vocabulary). Use the checkpoint's own "
+                     "tokenizer files.")
+  if min(ids) < 0:
+    raise CoditError(f"the tokenizer of {source} has a negative token id ({min(ids)}); ids must run from 0.")
+  size = max(ids) + 1
+  if len(ids) < size:
+    missing = sorted(set(range(size)) - ids)
+    shown = ", ".join(str(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    raise CoditError(
+        f"the tokenizer of {source} has holes in its token ids: {len(missing)} of the ids 0..{size - 1} have no "
+        f"token (first: {shown}). CoDIT needs ids without holes (highest id + 1 = the vocabulary); use the "
+        "checkpoint's own tokenizer files.")
+  return size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
 """The reference implementation's flag for degenerate, repetitive responses.
 
-A response of MIN_CHARS characters or more is repetitive when its most
+A response of MIN_CHARS characters or more (counted on `text.strip()`, as
+the reference does, so surrounding whitespace and newlines do not count) is
+repetitive when its most
 frequent character n-gram, for n = 2, 3 or 4, makes up at least
 TOP_NGRAM_SHARE[n] of all its (overlapping) n-grams, or when its most frequent
 LONG_NGRAM-gram occurs LONG_NGRAM_MAX_REPEATS times or more. Shares are exact
 fractions, so a share that equals its threshold counts, without float
-rounding deciding the boundary.
+rounding deciding the boundary. Only the length check strips: the n-grams are
+those of the text as given, as in the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ LONG_NGRAM_MAX_REPEATS = 10
 
 def is_repetitive(text: str) -> bool:
   """Whether `text` is flagged as a degenerate, repetitive response (see module docstring)."""
-  if len(text) < MIN_CHARS:
+  if len(text.strip()) < MIN_CHARS:
     return False
   if any(top_ngram_share(text, n) >= share for n, share in TOP_NGRAM_SHARE.items()):
     return True

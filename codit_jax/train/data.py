@@ -1,10 +1,37 @@
 """Training data of codit-train: read, filter, format with the student's chat template, pack.
 
-Inputs (one or several, in order): a codit-generate output folder or any TFDS
-folder (`dataset_info.json`), or a JSONL file, with the fields `instruction`
-and `response` (the reference layout's `output` is read as the response).
-`finish_reason` ('stop' | 'length', default 'stop') and `repetitive` (default
-false) are optional.
+Inputs (one or several, in order, comma-separated):
+  - a codit-generate output folder or any TFDS folder (`dataset_info.json`);
+  - a JSONL file (one object a line) or a Parquet file;
+  - a Hub dataset folder as a user downloads it (`huggingface-cli download
+    --repo-type dataset`, `snapshot_download`, or a git clone with LFS): every
+    *.parquet and *.jsonl file under it, in path order (e.g.
+    data/train-00000-of-00002.parquet, data/train-00001-of-00002.parquet).
+    README.md, .gitattributes and other files, and hidden folders (.cache,
+    .git), are ignored. Where file or folder names show Hub splits
+    (train-*, test-*, validation-*, or train/, test/, ...) and a train split
+    is there, only the train split is read. A folder holding both Parquet and
+    JSONL files is refused (often the same data twice): name the files.
+
+Fields: `instruction` and `response` (the reference layout's `output` is
+read as the response). Whether a response finished: `finish_reason` ('stop' |
+'length', as codit-generate writes it) or else `is_completed` (true | false,
+the authors' layout: their JSONL and their released CoDIT-Gemma3 /
+CoDIT-Qwen3-8B / CoDIT-Qwen3-30B datasets); a record with neither counts as
+finished. `repetitive` (true | false) is read if present, else computed from
+the response with the reference's flag (codit_jax.data.repetition), the same
+one codit-generate writes. Other fields (`id`, `res_metadata`, `score`,
+`response_tokens`, log-probs, ...) are not read; in Parquet their columns are
+not even loaded.
+
+Bad rows: a row whose instruction or response is missing, null, empty or only
+whitespace is skipped and counted in the DataReport (missing_instruction,
+empty_instruction, missing_response, empty_response), and the first few are
+logged with file and line (JSONL, 1-based) or row (Parquet and TFDS,
+0-based). A file in which no row has a response field at all, a field of the
+wrong type, an unknown finish_reason or a line that is not JSON stop the run
+with a CoditError naming the file and line: those mean a wrong or corrupt
+file, not a bad row.
 
 Each example becomes one token sequence in the student's own format:
 
@@ -32,13 +59,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from absl import logging
 
-from codit_jax.data import prompts
+from codit_jax.data import prompts, repetition
 from codit_jax.errors import CoditError
 
 FINISH_REASONS = ("stop", "length")
@@ -82,19 +110,79 @@ def dataset_paths(datasets) -> list[str]:
   return [str(p).strip() for p in items if str(p).strip()]
 
 
-def read_dataset(path: str) -> list[Example]:
-  """All examples of one dataset (TFDS folder or JSONL file), in file order."""
+_ACCEPTED = ("a codit-generate output folder, a TFDS folder, a Hub dataset folder (*.parquet or *.jsonl files) "
+             "or a JSONL or Parquet file with the fields instruction and response")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# The fields read; a Parquet file's other columns (res_metadata, score, ...) are never loaded.
+_FIELDS = ("instruction", "response", "output", "finish_reason", "is_completed", "repetitive")
+# Hub split names, as the first word of a data file's name or a folder's name (data/train-00000-of-00002.parquet).
+_SPLIT = re.compile(r"^(train|test|validation|valid|val|dev|eval)(?:[-_.]|$)", re.IGNORECASE)
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+_PROBLEMS_LOGGED = 5
+
+
+def read_dataset(path: str, report: DataReport | None = None) -> list[Example]:
+  """All good examples of one dataset (see the module docstring), in file order.
+
+  Rows skipped as bad are counted in `report.dropped` and `report.read`; the
+  examples returned are not counted there (read_datasets does that).
+  """
   local = Path(path).expanduser()
   if not local.exists():
-    raise CoditError(f"dataset {path!r} does not exist. Give a codit-generate output folder, a TFDS folder "
-                     "or a JSONL file with the fields instruction and response.")
-  if local.is_dir():
-    return _read_tfds_folder(local)
-  return _read_jsonl(local)
-
-
-def _read_jsonl(path: Path) -> list[Example]:
+    raise CoditError(f"dataset {path!r} does not exist. Give {_ACCEPTED}.")
+  report = report if report is not None else DataReport()
+  if not local.is_dir():
+    return _read_file(local, report)
+  if (local / "dataset_info.json").is_file() or (local / "run.json").is_file():
+    return _read_tfds_folder(local, report)
   examples = []
+  for file in data_files(local):
+    examples.extend(_read_file(file, report))
+  return examples
+
+
+def data_files(folder: Path) -> list[Path]:
+  """The data files of a Hub dataset folder (see the module docstring), in path order."""
+  files = sorted(p for p in folder.rglob("*")
+                 if p.suffix.lower() in _PARQUET_SUFFIXES + _JSONL_SUFFIXES and p.is_file()
+                 and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+  if not files:
+    raise CoditError(f"{folder} holds no data files: no dataset_info.json (TFDS) and no *.parquet or *.jsonl "
+                     f"files under it. Give {_ACCEPTED}.")
+  splits = {p: _split_of(p.relative_to(folder)) for p in files}
+  if "train" in splits.values() and set(splits.values()) != {"train"}:
+    left_out = [p for p in files if splits[p] != "train"]
+    logging.info("%s: reading its train split only; left out: %s", folder,
+                 ", ".join(str(p.relative_to(folder)) for p in left_out))
+    files = [p for p in files if splits[p] == "train"]
+  kinds = {"Parquet" if p.suffix.lower() in _PARQUET_SUFFIXES else "JSONL" for p in files}
+  if len(kinds) > 1:
+    shown = ", ".join(str(p.relative_to(folder)) for p in files[:4]) + (", ..." if len(files) > 4 else "")
+    raise CoditError(f"{folder} holds both Parquet and JSONL files ({shown}), often the same data twice. Give "
+                     "the files to read, separated by commas.")
+  return files
+
+
+def _split_of(relative: Path) -> str | None:
+  for part in reversed(relative.parts):  # the file's name first, then its folders
+    if match := _SPLIT.match(part):
+      return match.group(1).lower()
+  return None
+
+
+def _read_file(path: Path, report: DataReport) -> list[Example]:
+  with path.open("rb") as f:
+    if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
+      raise CoditError(f"{path} is a Git LFS pointer, not the data: fetch the files (`git lfs pull` in the "
+                       "clone, or download the dataset with `huggingface-cli download --repo-type dataset`).")
+  if path.suffix.lower() in _PARQUET_SUFFIXES:
+    return _read_parquet(path, report)
+  return _read_jsonl(path, report)
+
+
+def _read_jsonl(path: Path, report: DataReport) -> list[Example]:
+  examples, rows, with_response = [], 0, 0
   with path.open("rb") as f:
     for number, raw in enumerate(f, start=1):
       if not raw.strip():
@@ -107,17 +195,39 @@ def _read_jsonl(path: Path) -> list[Example]:
                          "object with the fields instruction and response.") from None
       if not isinstance(record, dict):
         raise CoditError(f"{where} is not a JSON object; each line needs the fields instruction and response.")
-      examples.append(_example(record, where))
+      rows += 1
+      with_response += "response" in record or "output" in record
+      _keep(_example(record, where), examples, report, where)
+  if rows and not with_response:
+    raise CoditError(f"{path}: no line has the field 'response' (or 'output'). codit-train needs the fields "
+                     "instruction and response.")
   return examples
 
 
-def _read_tfds_folder(folder: Path) -> list[Example]:
+def _read_parquet(path: Path, report: DataReport) -> list[Example]:
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top  (only for Parquet input)
+  try:
+    table = pq.ParquetFile(path)
+  except Exception as e:  # pyarrow raises several types for unreadable files
+    raise CoditError(f"{path} is not a readable Parquet file ({type(e).__name__}: {e}).") from None
+  names = table.schema_arrow.names
+  missing = [f for f in ("instruction", "response") if f not in names and not (f == "response" and "output" in names)]
+  if missing:
+    raise CoditError(f"{path}: the Parquet file has no column {missing[0]!r} (its columns: {', '.join(names)}). "
+                     "codit-train needs instruction and response.")
+  examples, row = [], 0
+  for batch in table.iter_batches(columns=[f for f in _FIELDS if f in names]):
+    for record in batch.to_pylist():
+      where = f"{path} row {row}"
+      _keep(_example(record, where), examples, report, where)
+      row += 1
+  return examples
+
+
+def _read_tfds_folder(folder: Path, report: DataReport) -> list[Example]:
   if not (folder / "dataset_info.json").is_file():
-    if (folder / "run.json").is_file():
-      raise CoditError(f"{folder} is a codit-generate output that is not finished (no dataset_info.json). "
-                       "Rerun the same codit-generate command to finish it.")
-    raise CoditError(f"{folder} is a folder without dataset_info.json, so not a TFDS dataset. Give a "
-                     "codit-generate output folder, a TFDS folder or a JSONL file.")
+    raise CoditError(f"{folder} is a codit-generate output that is not finished (no dataset_info.json). "
+                     "Rerun the same codit-generate command to finish it.")
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (slow; only for TFDS input)
   try:
     builder = tfds.builder_from_directory(str(folder))
@@ -134,40 +244,78 @@ def _read_tfds_folder(folder: Path) -> list[Example]:
   examples = []
   dataset = builder.as_dataset(split="train", shuffle_files=False)
   for i, record in enumerate(tfds.as_numpy(dataset)):
-    record = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in record.items() if k in
-              ("instruction", "response", "finish_reason", "repetitive")}
-    examples.append(_example(record, f"{folder} record {i}"))
+    record = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in record.items() if k in _FIELDS}
+    where = f"{folder} record {i}"
+    _keep(_example(record, where), examples, report, where)
   return examples
 
 
-def _example(record: dict, where: str) -> Example:
+def _keep(result: Example | str, examples: list[Example], report: DataReport, where: str) -> None:
+  """Appends a good example; counts (and logs the first few of) the rows skipped as bad."""
+  if isinstance(result, Example):
+    examples.append(result)
+    return
+  report.read += 1
+  report.dropped[result] += 1
+  if sum(report.dropped[k] for k in _BAD_ROWS) <= _PROBLEMS_LOGGED:
+    logging.warning("%s: %s; row skipped.", where, _BAD_ROWS[result])
+
+
+_BAD_ROWS = {"missing_instruction": "no instruction (missing or null)",
+             "empty_instruction": "the instruction is empty",
+             "missing_response": "no response (missing or null)",
+             "empty_response": "the response is empty"}
+
+
+def _example(record: dict, where: str) -> Example | str:
+  """The record as an Example, or the kind of bad row it is (a key of _BAD_ROWS)."""
   response_field = "response" if "response" in record or "output" not in record else "output"
   for field in ("instruction", response_field):
-    if field not in record or record[field] is None:
-      raise CoditError(f"{where}: field {field!r} is missing. A training example needs the fields "
-                       "instruction and response (finish_reason and repetitive are optional).")
-    if not isinstance(record[field], str):
+    if record.get(field) is not None and not isinstance(record[field], str):
       raise CoditError(f"{where}: field {field!r} must be text, not {type(record[field]).__name__}.")
-  finish_reason = record.get("finish_reason") or "stop"
-  if finish_reason not in FINISH_REASONS:
-    raise CoditError(f"{where}: field 'finish_reason' is {finish_reason!r}; it must be 'stop' or 'length'.")
-  repetitive = record.get("repetitive", False)
-  if not isinstance(repetitive, (bool, np.bool_)):
+  instruction, response = record.get("instruction"), record.get(response_field)
+  if instruction is None:
+    return "missing_instruction"
+  if not instruction.strip():
+    return "empty_instruction"
+  if response is None:
+    return "missing_response"
+  if not response.strip():
+    return "empty_response"
+  repetitive = record.get("repetitive")
+  if repetitive is None:  # not in the file: the flag codit-generate would have written
+    repetitive = repetition.is_repetitive(response)
+  elif not isinstance(repetitive, (bool, np.bool_)):
     raise CoditError(f"{where}: field 'repetitive' must be true or false, not {repetitive!r}.")
-  return Example(record["instruction"], record[response_field], finish_reason == "stop", bool(repetitive), where)
+  return Example(instruction, response, _finished(record, where), bool(repetitive), where)
+
+
+def _finished(record: dict, where: str) -> bool:
+  """finish_reason == 'stop', else is_completed (the authors' layout), else True."""
+  finish_reason = record.get("finish_reason")
+  if finish_reason:
+    if finish_reason not in FINISH_REASONS:
+      raise CoditError(f"{where}: field 'finish_reason' is {finish_reason!r}; it must be 'stop' or 'length'.")
+    return finish_reason == "stop"
+  is_completed = record.get("is_completed")
+  if is_completed is None:
+    return True
+  if not isinstance(is_completed, (bool, np.bool_)):
+    raise CoditError(f"{where}: field 'is_completed' must be true or false, not {is_completed!r}.")
+  return bool(is_completed)
 
 
 def read_datasets(datasets, *, drop_repetitive: bool, drop_unfinished: bool,
                   report: DataReport | None = None) -> list[Example]:
-  """The examples of every dataset in order, without the filtered ones (counted in `report`)."""
+  """The examples of every dataset in order, without the bad and filtered ones (counted in `report`)."""
   paths = dataset_paths(datasets)
   if not paths:
     raise CoditError("no datasets: set --config.datasets to one or more codit-generate output folders "
-                     "(or TFDS folders, or JSONL files), separated by commas.")
+                     "(or TFDS or Hub dataset folders, or JSONL or Parquet files), separated by commas.")
   report = report if report is not None else DataReport()
   kept = []
   for path in paths:
-    for example in read_dataset(path):
+    for example in read_dataset(path, report):
       report.read += 1
       if drop_repetitive and example.repetitive:
         report.dropped["repetitive"] += 1
