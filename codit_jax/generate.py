@@ -235,7 +235,7 @@ def generate(config, force: bool = False) -> dict:
     vocab_size = engine_lib.check_vocabularies(post_tokenizer, transformers.AutoTokenizer.from_pretrained(pre_path),
                                                config.post_trained, config.pre_trained)
   else:
-    vocab_size = len(post_tokenizer.get_vocab())
+    vocab_size = prompts.real_vocab_size(post_tokenizer, config.post_trained)
   end_ids = tuple(prompts.end_token_ids(post_tokenizer, post_path))
   max_prompt_len = config.max_prompt_len or min(2048, post_cfg.max_position_embeddings - config.max_new_tokens)
   if max_prompt_len < 1 or max_prompt_len + config.max_new_tokens > post_cfg.max_position_embeddings:

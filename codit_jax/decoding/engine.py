@@ -55,6 +55,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from codit_jax import parallel
+from codit_jax.data import prompts
 from codit_jax.decoding import sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
@@ -372,7 +373,7 @@ def check_vocabularies(post_tokenizer, pre_tokenizer, post_source: str = "post_t
         f"the tokenizers of {post_source} ({len(post_vocab)} tokens) and {pre_source} ({len(pre_vocab)} "
         f"tokens) disagree (first differences: {shown}). CoDIT contrasts the two models token by token, so "
         "both must share one tokenizer: pair a post-trained model with its own pre-trained checkpoint.")
-  return len(post_vocab)
+  return prompts.real_vocab_size(post_tokenizer, post_source)
 
 
 class Engine:
