@@ -55,7 +55,8 @@ class Pieces:
     if self.tokenizer is None:
       return ""
     try:
-      return str(self.tokenizer.convert_ids_to_tokens(int(token_id)))
+      token = self.tokenizer.convert_ids_to_tokens(int(token_id))
+      return "" if token is None else str(token)
     except Exception:  # ids past the tokenizer's vocabulary (padded embeddings): nothing to show
       return ""
 
