@@ -195,7 +195,11 @@ def test_summary_numbers_equal_the_dataset(demo, one_page):
   pre = np.concatenate([r["pre_logprobs"] for r in rows.values()]).astype(np.float64)
   assert stat("mean_post") == f"{post.mean():.3f}"
   assert stat("mean_contrast") == f"{(post - pre).mean():.3f}"
-  assert stat("mean_codit").startswith("—")  # today's datasets record no codit_logprobs
+  if any("codit_logprobs" in r for r in rows.values()):
+    codit = np.concatenate([r["codit_logprobs"] for r in rows.values()]).astype(np.float64)
+    assert stat("mean_codit") == f"{codit.mean():.3f}"
+  else:  # datasets written before codit_logprobs was recorded
+    assert stat("mean_codit").startswith("—")
   meta = tfds.builder_from_directory(demo["codit"]).info.metadata
   text = one_page[0].read_text()
   for key in ("post_trained", "pre_trained"):
@@ -216,7 +220,10 @@ def test_every_sampled_token_is_on_the_page_with_its_logprobs(demo, one_page):
     assert [t["id"] for t in card["tokens"]] == row["response_tokens"].tolist()
     np.testing.assert_allclose([t["post"] for t in card["tokens"]], row["post_logprobs"], atol=6e-5)
     np.testing.assert_allclose([t["pre"] for t in card["tokens"]], row["pre_logprobs"], atol=6e-5)
-    assert all(t["codit"] is None for t in card["tokens"])
+    if "codit_logprobs" in row:
+      np.testing.assert_allclose([t["codit"] for t in card["tokens"]], row["codit_logprobs"], atol=6e-5)
+    else:
+      assert all(t["codit"] is None for t in card["tokens"])
     # The pieces, joined, are the decoded response (control characters shown as their symbols).
     joined = "".join(t["text"] for t in card["tokens"])
     decoded = pieces.tokenizer.decode(row["response_tokens"].tolist(), skip_special_tokens=False,
