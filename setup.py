@@ -35,6 +35,7 @@ setup(
         "console_scripts": [
             "codit-generate=codit_jax.generate:run",
             "codit-train=codit_jax.train.app:run",
+            "codit-report=codit_jax.report:run",
         ],
     },
     extras_require={
