@@ -100,8 +100,9 @@ def test_cached_decode_equals_full_forward(family):
   split = 40
   logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
                                                      jnp.asarray(mask[:, :split]), PROMPT_LEN + 8)
-  assert cache.keys[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, tiny_checkpoints.HEAD_DIM, PROMPT_LEN + 8)
-  assert cache.values[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, PROMPT_LEN + 8, tiny_checkpoints.HEAD_DIM)
+  entries = decoder.layer_cache_length(model.cfg, 0, PROMPT_LEN + 8)  # the window for mistral's sliding layers
+  assert cache.keys[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, tiny_checkpoints.HEAD_DIM, entries)
+  assert cache.values[0].shape == (2, tiny_checkpoints.NUM_KV_HEADS, entries, tiny_checkpoints.HEAD_DIM)
   full = _jax_logits(family)
   np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=TOL, rtol=0)
   step = jax.jit(decode_step, donate_argnums=2)
@@ -110,6 +111,29 @@ def test_cached_decode_equals_full_forward(family):
     np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
   np.testing.assert_array_equal(np.asarray(cache.index), [PROMPT_LEN, PROMPT_LEN])
   np.testing.assert_array_equal(np.asarray(cache.next_position), [PROMPT_LEN, PROMPT_LEN - PAD])
+
+
+@pytest.mark.parametrize("family", ["gemma3", "olmo3", "mistral"])
+def test_sliding_layers_keep_a_ring_of_their_window(family):
+  """Sliding layers cache only their window (16 slots of 80) and stay exact far past it: 60 tokens
+  decoded one by one after a 12-slot prompt (the second row left-padded by 9) give the full
+  forward's logits, and so does a prompt longer than the window (40 slots)."""
+  model = _model(family)
+  cfg = model.cfg
+  tokens, mask = _prompts(family)
+  max_len = PROMPT_LEN + 8
+  full = _jax_logits(family)
+  step = jax.jit(decode_step, donate_argnums=2)
+  for split in (12, 40):
+    _, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
+                                                  jnp.asarray(mask[:, :split]), max_len)
+    windows = [cfg.window_for(i) for i in range(cfg.num_layers)]
+    assert any(windows) and tiny_checkpoints.SLIDING_WINDOW == 16
+    for window, keys, values in zip(windows, cache.keys, cache.values):
+      assert keys.shape[-1] == values.shape[-2] == (window or max_len)
+    for t in range(split, PROMPT_LEN):
+      logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
+      np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])

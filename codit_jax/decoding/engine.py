@@ -60,7 +60,7 @@ from codit_jax.decoding import sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import Decoder, KVCache, decode_step, prefill
-from codit_jax.models.decoder import cache_length
+from codit_jax.models.decoder import cache_length, layer_cache_length
 
 MODES = ("codit", "direct")
 
@@ -236,9 +236,10 @@ def _empty_cache(model: Decoder, slots: int, length: int, stacked: bool) -> KVCa
   dtype = model.embed_tokens.embedding[...].dtype
   lead = (2,) if stacked else ()
   zeros = lambda *shape, dtype=dtype: jnp.zeros(lead + shape, dtype)  # noqa: E731
+  entries = [layer_cache_length(cfg, i, length) for i in range(cfg.num_layers)]
   return KVCache(
-      keys=tuple(zeros(slots, cfg.num_kv_heads, cfg.head_dim, length) for _ in range(cfg.num_layers)),
-      values=tuple(zeros(slots, cfg.num_kv_heads, length, cfg.head_dim) for _ in range(cfg.num_layers)),
+      keys=tuple(zeros(slots, cfg.num_kv_heads, cfg.head_dim, n) for n in entries),
+      values=tuple(zeros(slots, cfg.num_kv_heads, n, cfg.head_dim) for n in entries),
       key_valid=zeros(slots, length, dtype=jnp.bool_), next_position=zeros(slots, dtype=jnp.int32),
       index=zeros(slots, dtype=jnp.int32))
 

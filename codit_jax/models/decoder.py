@@ -142,8 +142,9 @@ class Attention(nnx.Module):
     if cache is None:
       out = attend(q, k, v, mask, scale, softcap)
     else:  # one decode step: each row writes its key/value at its own slot, then reads its cache
-      k = write_slot(cache[0], k.astype(cache[0].dtype), cache_index, axis=3)
-      v = write_slot(cache[1], v.astype(cache[1].dtype), cache_index, axis=2)
+      slot = cache_index % cache[0].shape[-1]  # a ring buffer (a sliding layer's) wraps around
+      k = write_slot(cache[0], k.astype(cache[0].dtype), slot, axis=3)
+      v = write_slot(cache[1], v.astype(cache[1].dtype), slot, axis=2)
       out = attend_step(q, k, v, mask, scale, softcap)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
@@ -182,33 +183,49 @@ def attend(q, k, v, mask, scale, softcap):
 class StepMask(NamedTuple):
   """Which cache slots the one query of each row sees in a decode step (a layer's window included).
 
-  key_valid: (b, t) slots that hold real tokens; index: (b,) each row's query slot;
-  window: the layer's sliding window or None; first, end: the DECODE_BLOCKs
-  [first, end) that a step reads, the union over the live rows of the blocks
-  that can hold a key visible to them (`step_block_range`).
+  key_valid: (b, max_len) slots that hold real tokens; index: (b,) each row's
+  query slot; window: the layer's sliding window or None; ring: the length of
+  the layer's ring-buffer cache, or None when its cache holds every slot;
+  first, end: the DECODE_BLOCKs [first, end) of the layer's cache that a step
+  reads, the union over the live rows of the blocks that can hold a key visible
+  to them (`step_block_range`).
+
+  A sliding layer whose window is shorter than the cache keeps a ring buffer of
+  `window` entries: slot s is stored at s % window, so the entries hold exactly
+  the last `window` slots up to the query's (the window itself).
   """
 
   key_valid: jax.Array
   index: jax.Array
   window: int | None
+  ring: int | None
   first: jax.Array
   end: jax.Array
 
   def visible(self, start: int | jax.Array, size: int):
-    """(b, size) the slots [start, start + size) that each row's query sees."""
-    slots = start + jnp.arange(size)
+    """(b, size) which of the cache entries [start, start + size) each row's query sees."""
+    entries = start + jnp.arange(size)
+    if self.ring is not None:
+      # The slot an entry holds: the latest slot <= index that maps to it (negative: none yet).
+      slots = self.index[:, None] - (self.index[:, None] - entries[None, :]) % self.ring
+      seen = jnp.take_along_axis(self.key_valid, jnp.maximum(slots, 0), axis=1)
+      return seen & (slots >= 0)
     seen = jax.lax.dynamic_slice_in_dim(self.key_valid, start, size, axis=1)
-    seen &= slots[None, :] <= self.index[:, None]
+    seen &= entries[None, :] <= self.index[:, None]
     if self.window is not None:
-      seen &= slots[None, :] > self.index[:, None] - self.window
+      seen &= entries[None, :] > self.index[:, None] - self.window
     return seen
 
 
-def step_block_range(index, window: int | None, live=None):
+def step_block_range(index, window: int | None, live=None, ring: int | None = None):
   """[first, end) of the DECODE_BLOCK-slot cache blocks that can hold a key visible to a query at
   slot index[row] of any live row: from the block of the window's first slot (slot 0 without a
   window) to the block of the query. Rows that are not live (finished, or empty slots) do not
-  widen it; their outputs are not used."""
+  widen it; their outputs are not used. A ring buffer is read from its start, up to the query's
+  entry until it has wrapped around, then whole."""
+  if ring is not None:
+    index = jnp.minimum(index, ring - 1)
+    window = None
   first_slot = jnp.zeros_like(index) if window is None else jnp.maximum(index - window + 1, 0)
   live = jnp.ones(index.shape, bool) if live is None else live
   big = jnp.iinfo(jnp.int32).max
@@ -405,16 +422,18 @@ class Decoder(nnx.Module):
     if segment_ids is not None:
       same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
       masks = {window: mask & same_segment for window, mask in masks.items()}
-    return self._layers(tokens, positions, masks)
+    return self._layers(tokens, positions, [masks[self.cfg.window_for(i)] for i in range(self.cfg.num_layers)])
 
   def step(self, tokens, positions, cache_index, key_valid, caches, live=None):
     """One decode step: tokens, positions, cache_index: (b,), each row's own; key_valid: (b, max_len)
     with the new slots set; caches: per layer (keys, values). live: (b,) rows whose results are used
     (None: all); only they decide which cache blocks the step reads."""
-    masks = {}
-    for window in self._windows():
-      first, end = step_block_range(cache_index, window, live)
-      masks[window] = StepMask(key_valid, cache_index, window, first, end)
+    masks = []
+    for i, (keys, _) in enumerate(caches):
+      window = self.cfg.window_for(i)
+      ring = keys.shape[-1] if keys.shape[-1] < key_valid.shape[-1] else None
+      first, end = step_block_range(cache_index, window, live, ring)
+      masks.append(StepMask(key_valid, cache_index, window, ring, first, end))
     return self._layers(tokens[:, None], positions[:, None], masks, caches, cache_index)
 
   def _windows(self):
@@ -428,7 +447,7 @@ class Decoder(nnx.Module):
     new_kv = []
     for i, layer in enumerate(self.layers):
       cache = None if caches is None else caches[i]
-      x, kv = layer(x, positions, masks[cfg.window_for(i)], cache, cache_index)
+      x, kv = layer(x, positions, masks[i], cache, cache_index)
       new_kv.append(kv)
     return self.norm(x), new_kv
 
@@ -466,8 +485,10 @@ def positions_from_mask(attention_mask):
 class KVCache(NamedTuple):
   """Static-shape cache of every layer's keys/values, one row per sequence, each row on its own clock.
 
-  keys: per layer (b, kv_heads, head_dim, max_len) (transposed: see
-  Attention); values: per layer (b, kv_heads, max_len, head_dim). key_valid:
+  keys: per layer (b, kv_heads, head_dim, entries) (transposed: see
+  Attention); values: per layer (b, kv_heads, entries, head_dim); entries is
+  max_len, or a sliding layer's window when that is shorter (a ring buffer:
+  `layer_cache_length`). key_valid:
   (b, max_len) marks slots that hold real tokens (left padding stays False).
   next_position: (b,) rope position of each row's next token. index: (b,) the
   slot each row's next token is written to: rows of a continuous batch joined
@@ -503,11 +524,31 @@ def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=No
   hidden, kv = _forward_hidden(model, tokens, attention_mask)
   logits = model.logits(hidden[:, -1])
   dtype = cache_dtype or hidden.dtype
-  keys = tuple(jnp.pad(k.astype(dtype), ((0, 0), (0, 0), (0, 0), (0, max_len - s))) for k, _ in kv)
-  values = tuple(jnp.pad(v.astype(dtype), ((0, 0), (0, 0), (0, max_len - s), (0, 0))) for _, v in kv)
+  lengths = [layer_cache_length(model.cfg, i, max_len) for i in range(len(kv))]
+  keys = tuple(_cache_entries(k.astype(dtype), n, axis=3) for (k, _), n in zip(kv, lengths))
+  values = tuple(_cache_entries(v.astype(dtype), n, axis=2) for (_, v), n in zip(kv, lengths))
   key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
   next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
   return logits, KVCache(keys, values, key_valid, next_position, jnp.full((b,), s, jnp.int32))
+
+
+def layer_cache_length(cfg, layer_index: int, max_len: int) -> int:
+  """Cache entries of a layer for sequences of max_len slots: a sliding layer whose window is
+  shorter keeps only its window (a ring buffer), every other layer all max_len slots."""
+  window = cfg.window_for(layer_index)
+  return window if window is not None and window < max_len else max_len
+
+
+def _cache_entries(x, entries: int, axis: int):
+  """A prompt's keys or values (s slots on `axis`) as a cache of `entries`: padded after the prompt,
+  or, for a ring buffer shorter than the prompt, its last `entries` slots, slot t at t % entries."""
+  s = x.shape[axis]
+  if s <= entries:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, entries - s)
+    return jnp.pad(x, pad)
+  last = jax.lax.slice_in_dim(x, s - entries, s, axis=axis)
+  return jnp.roll(last, s % entries, axis=axis)
 
 
 def decode_step(model: Decoder, tokens, cache: KVCache, live=None):
