@@ -23,23 +23,19 @@ import os
 import sys
 import time
 
-from codit_jax import runtime
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+import transformers
+from absl import flags, logging
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-runtime.import_tensorflow_quietly()  # before TFDS (and its TensorFlow) prints its start-up lines
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow_datasets as tfds  # noqa: E402
-import transformers  # noqa: E402
-from absl import flags, logging  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from codit_jax import __version__, checkpoints, parallel  # noqa: E402
-from codit_jax.data import instructions, prompts, repetition  # noqa: E402
-from codit_jax.data import writer as writer_lib  # noqa: E402
-from codit_jax.decoding import engine as engine_lib  # noqa: E402
-from codit_jax.errors import CoditError  # noqa: E402
+from codit_jax import __version__, checkpoints, parallel, runtime
+from codit_jax.data import instructions, prompts, repetition
+from codit_jax.data import writer as writer_lib
+from codit_jax.decoding import engine as engine_lib
+from codit_jax.errors import CoditError
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).",
