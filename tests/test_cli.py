@@ -229,3 +229,15 @@ def test_quiet_environment_leaves_accelerators_and_user_settings_alone(monkeypat
   monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
   runtime.quiet_environment(["codit-generate", "--verbosity=1"])
   assert "TF_CPP_MIN_LOG_LEVEL" not in os.environ  # --verbosity: nothing is quieted
+
+
+@pytest.mark.parametrize("package", ["jax_plugins/xla_cuda12", "libtpu"])  # jax[cuda12]'s PJRT plugin; jax[tpu]
+def test_jax_platform_left_to_jax_where_an_accelerator_runtime_is_installed(package, tmp_path):
+  (tmp_path / package).mkdir(parents=True)
+  (tmp_path / package / "__init__.py").write_text("")
+  env = {k: v for k, v in os.environ.items() if k not in _TEST_SETTINGS}
+  show = "import os, codit_jax; print(os.environ.get('JAX_PLATFORMS'))"
+  runs = {path: subprocess.run([sys.executable, "-c", show], cwd=REPO, env=dict(env, PYTHONPATH=path),
+                               capture_output=True, text=True, timeout=300) for path in (str(tmp_path), "")}
+  assert runs[str(tmp_path)].stdout.strip() == "None", runs[str(tmp_path)].stderr  # JAX picks the GPU/TPU
+  assert runs[""].stdout.strip() == "cpu", runs[""].stderr  # nothing but the CPU here: no TPU probe
