@@ -50,7 +50,7 @@ Installing (on every worker, into REMOTE_DIR/src with a virtualenv in REMOTE_DIR
 
 Running:
   --module=MODULE           Python module to run (default: codit_jax.generate), e.g.
-                            codit_jax.train.app for codit-train
+                            codit_jax.train for codit-train
   --env=NAME[=VALUE]        set an environment variable for the program on every worker;
                             NAME alone copies its local value (e.g. --env=HF_TOKEN for
                             gated checkpoints); repeatable
@@ -206,7 +206,7 @@ fi
 [[ "$remote_dir" =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$ ]] ||
   usage_error "--remote-dir=$remote_dir: give a relative folder such as codit-jax (letters, digits, . _ - and /)."
 [[ "$module" =~ ^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$ ]] ||
-  usage_error "--module=$module is not a Python module name such as codit_jax.train.app."
+  usage_error "--module=$module is not a Python module name such as codit_jax.train."
 [[ "$python" =~ ^[A-Za-z0-9_./-]+$ ]] || usage_error "--python=$python: give a command or path such as python3.11."
 
 gcloud_flags=(--zone="$zone")

@@ -30,6 +30,7 @@ setup(
         "ml_dtypes",
         "numpy",
         "pyarrow",  # Parquet prompt files
+        "jinja2",  # transformers renders chat templates with it, and installs it only with torch
     ],
     entry_points={
         "console_scripts": [

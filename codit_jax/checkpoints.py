@@ -60,7 +60,7 @@ def resolve(name_or_path: str) -> Path:
   except Exception as e:  # network, auth, missing repo: all the user can fix is the id or access
     raise CheckpointError(
         f"could not download {name_or_path!r} from the Hugging Face Hub ({type(e).__name__}: {e}). "
-        "Check the id, your network and `huggingface-cli login` for gated models, or pass a local "
+        "Check the id, your network and `hf auth login` (or HF_TOKEN) for gated models, or pass a local "
         "folder that holds the checkpoint.") from None
 
 
@@ -83,6 +83,31 @@ def load_config(path: Path) -> tuple[Any, ModelConfig]:
   except Exception as e:
     raise CheckpointError(f"{config_file} could not be read by transformers: {e}") from None
   return hf_config, ModelConfig.from_hf(hf_config)
+
+
+# A folder holds a tokenizer when it has one of these: the fast tokenizer, a SentencePiece model, or the
+# vocabulary of a slow BPE/WordPiece one (tokenizer_config.json alone is not a tokenizer).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt")
+
+
+def load_tokenizer(path: Path, source: str):
+  """The tokenizer of the checkpoint folder `path` (from resolve()); `source` names it in errors.
+
+  A folder with config.json but no tokenizer files is refused here: AutoTokenizer would otherwise
+  build an empty tokenizer of the model type from config.json, without a word of warning.
+  """
+  path = Path(path)
+  if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+    raise CheckpointError(
+        f"{source}: the checkpoint folder {path} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}). "
+        "Copy the tokenizer files of the model it was made from into that folder (save_pretrained of the "
+        "tokenizer writes them).")
+  import transformers  # pylint: disable=g-import-not-at-top  (slow import, only when loading)
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path)
+  except Exception as e:  # a broken or unsupported tokenizer file: the folder is what the user can fix
+    raise CheckpointError(f"{source}: transformers could not load the tokenizer in {path} "
+                          f"({type(e).__name__}: {e}).") from None
 
 
 class SafetensorsFolder:

@@ -31,11 +31,11 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 import transformers
-from absl import app, flags, logging
+from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from codit_jax import __version__, checkpoints, parallel
+from codit_jax import __version__, checkpoints, parallel, runtime
 from codit_jax.data import instructions, prompts, repetition
 from codit_jax.data import writer as writer_lib
 from codit_jax.decoding import engine as engine_lib
@@ -48,6 +48,20 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a 
 flags.DEFINE_integer("num_processes", None, "Number of processes of a multi-process run.")
 flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 flags.DEFINE_bool("force", False, "Delete an existing dataset in output_dir written with other settings.")
+
+_HELP = """\
+USAGE: codit-generate --config=FILE [--config.KEY=VALUE ...] [flags]
+       python -m codit_jax.generate --config=FILE [--config.KEY=VALUE ...] [flags]
+
+Synthesize an instruction-tuning dataset by CoDIT (or direct) decoding.
+
+  --config=FILE        an ml_collections config file: configs/demo.py (offline, a minute on CPU),
+                       configs/qwen3_8b.py and the other teacher pairs in configs/
+  --config.KEY=VALUE   override one key of that config, e.g. --config.max_new_tokens=512
+                       --config.prompts=seed.jsonl --config.output_dir=/data/codit
+
+Every key, its default and its meaning: configs/default.py; README.md, "Synthesizing a dataset".
+Rerunning the same command after a crash or Ctrl-C resumes the dataset."""
 
 # Environment variables that mark a cluster where jax.distributed.initialize() finds its peers itself.
 _CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
@@ -195,13 +209,9 @@ def run_settings(config) -> dict:
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<key>=<value>.")
-  try:
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    generate(_CONFIG.value, force=FLAGS.force)
-  except CoditError as e:
-    print(f"codit-generate: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    raise CoditError(f"unexpected arguments {argv[1:]}; settings go in --config.<key>=<value>.")
+  initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  generate(_CONFIG.value, force=FLAGS.force)
 
 
 
@@ -369,8 +379,9 @@ def _summarize(output_dir: str, report, new_rows: int) -> dict:
 
 
 def run() -> None:
-  """Console script entry point (codit-generate)."""
-  app.run(main)
+  """Console script entry point (codit-generate); errors a user can act on are one line."""
+  runtime.run_app(main, "codit-generate", _HELP, keys_file="configs/default.py",
+                  resume_hint="rerun the same command to resume: the shards already written are kept")
 
 
 if __name__ == "__main__":

@@ -9,37 +9,42 @@ Rerunning the same command after a crash resumes from the latest checkpoint in
 output_dir; the tuned student ends up in output_dir/hf.
 """
 
-import logging as std_logging
-import sys
-
-from absl import app, logging
 from ml_collections import config_flags
 
+from codit_jax import runtime
 from codit_jax.errors import CoditError
 from codit_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/sft_*.py).",
                                           lock_config=True)
 
+_HELP = """\
+USAGE: codit-train --config=FILE [--config.KEY=VALUE ...] [flags]
+       python -m codit_jax.train --config=FILE [--config.KEY=VALUE ...] [flags]
 
-class _QuietOrbax(std_logging.Filter):
-  """Orbax logs a dozen INFO lines per checkpoint; keep its warnings and errors only."""
+Instruction-tune a student on codit-generate datasets (or JSONL files) and export it to
+output_dir/hf as a Hugging Face folder.
 
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+  --config=FILE        an ml_collections config file: configs/sft_demo.py (offline, seconds on CPU,
+                       after the codit-generate demo), configs/sft_default.py
+  --config.KEY=VALUE   override one key of that config, e.g. --config.student=Qwen/Qwen3-0.6B-Base
+                       --config.datasets=/data/codit --config.output_dir=/data/sft-codit
+
+Every key, its default and its meaning: configs/sft_default.py; README.md, "Tuning students".
+Rerunning the same command after a crash or Ctrl-C resumes from the latest checkpoint."""
 
 
 def main(argv) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; settings go in --config.<key>=<value>.")
-  logging.get_absl_handler().addFilter(_QuietOrbax())
-  try:
-    trainer.train(_CONFIG.value)
-  except CoditError as e:
-    print(f"codit-train: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    raise CoditError(f"unexpected arguments {argv[1:]}; settings go in --config.<key>=<value>.")
+  trainer.train(_CONFIG.value)
 
 
 def run() -> None:
-  """Console script entry point (codit-train)."""
-  app.run(main)
+  """Console script entry point (codit-train); errors a user can act on are one line."""
+  runtime.run_app(main, "codit-train", _HELP, keys_file="configs/sft_default.py",
+                  resume_hint="rerun the same command to resume from the latest checkpoint in output_dir")
+
+
+if __name__ == "__main__":  # python -m codit_jax.train.app, as launch_tpu.sh --module= runs it
+  run()

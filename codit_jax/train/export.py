@@ -141,10 +141,18 @@ def _write_weights(params, source: checkpoints.SafetensorsFolder, target: Path, 
       tensors[name] = np.ascontiguousarray(value.astype(dtypes[name]))
       weight_map[name] = file
     safetensors.numpy.save_file(tensors, str(target / file), metadata={"format": "pt"})
+    os.chmod(target / file, _plain_file_mode())  # safetensors creates its files 0600
   if len(files) > 1:
     index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
   return {dtypes[n] for n in names if n in producers}
+
+
+def _plain_file_mode() -> int:
+  """The mode open() gives a new file under this process's umask (0644 under the usual 022)."""
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
 
 
 def _plan_shards(names: list[str], sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

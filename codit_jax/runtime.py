@@ -1,0 +1,293 @@
+"""Start-up shared by codit-generate and codit-train: a quiet console, one-line errors, --help.
+
+`quiet_environment()` runs from codit_jax/__init__.py, so before TensorFlow,
+absl, JAX or transformers are imported by anything of ours: the variables they
+read at import time must be set by then, and in our two programs TensorFlow is
+imported right there, with its native start-up lines dropped. Every setting is a
+default (os.environ.setdefault), so a user's own TF_CPP_MIN_LOG_LEVEL or
+JAX_PLATFORMS wins, and `--verbosity=N` on the command line turns all of it off.
+
+`run_app(main, ...)` is the console entry point of both programs: it prints the
+program's --help and exits 0, and turns what a user can act on (a CoditError, a
+mistyped config key, a flag error, a missing extra, Ctrl-C) into one line on
+stderr instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.metadata
+import importlib.util
+import contextlib
+import logging as std_logging
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_VERBOSITY_FLAGS = ("verbosity", "v")  # absl's --verbosity and its short name
+# Module -> console script.
+_PROGRAMS = {"codit_jax.generate": "codit-generate", "codit_jax.train": "codit-train",
+             "codit_jax.train.app": "codit-train"}
+_HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
+
+# Known-harmless lines, matched by their exact text so that any other warning still shows.
+# transformers, at import, when torch is absent (torch is only the tests' reference here).
+_TRANSFORMERS_NO_TORCH = ("PyTorch was not found. Models won't be available and only tokenizers, configuration "
+                          "and file/data utilities can be used.")
+# tensorflow_datasets, reading back a dataset whose features were declared with NumPy dtypes.
+_HARMLESS_ABSL_WARNINGS = frozenset(
+    f"`{cls}.dtype` is deprecated. Please change your code to use NumPy with the field `{cls}.np_dtype` "
+    f"or use TensorFlow with the field `{cls}.tf_dtype`." for cls in ("FeatureConnector", "Tensor", "Text"))
+
+# TensorFlow's native start-up lines (absl C++ logging, which TF_CPP_MIN_LOG_LEVEL no longer reaches).
+_HARMLESS_NATIVE_LINES = (
+    "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    "oneDNN custom operations are on. You may see slightly different numerical results due to floating-point "
+    "round-off errors from different computation orders. To turn them off, set the environment variable "
+    "`TF_ENABLE_ONEDNN_OPTS=0`.",
+)
+
+# Optional packages a run may reach, and the command that installs them.
+_EXTRAS = {
+    "torch": 'pip install torch==2.13.0 && pip install -e ".[test]"',
+    "scipy": 'pip install -e ".[test]"',
+    "pytest": 'pip install -e ".[test]"',
+    "libtpu": 'pip install -e ".[tpu]"',
+}
+
+
+def wants_full_logs(argv: Sequence[str]) -> bool:
+  """True when the command line sets absl's verbosity: then nothing is filtered."""
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name = arg.lstrip("-").split("=", 1)[0]
+    if arg.startswith("-") and name in _VERBOSITY_FLAGS:
+      return True
+  return False
+
+
+def quiet_environment(argv: Sequence[str] | None = None) -> None:
+  """Defaults that keep other libraries' start-up lines off a plain run's console."""
+  if wants_full_logs(sys.argv if argv is None else argv):
+    return
+  # TensorFlow's C++ INFO lines, for the TF versions whose logging still reads it (see
+  # import_tensorflow_quietly for 2.21); its warnings and errors stay.
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  if _only_cpu_possible():
+    # Otherwise JAX probes for libtpu.so and logs "Unable to initialize backend 'tpu'".
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  std_logging.getLogger("transformers").addFilter(_DropExact({_TRANSFORMERS_NO_TORCH}))
+  if _is_our_program():
+    # Both programs import TensorFlow anyway (codit-generate at once, through TFDS); importing it
+    # here is what keeps its native start-up lines off the console.
+    import_tensorflow_quietly()
+
+
+def _is_our_program() -> bool:
+  """True in codit-generate / codit-train, run as console scripts or with python -m."""
+  if os.path.basename(sys.argv[0]) in _PROGRAMS.values():
+    return True
+  orig = getattr(sys, "orig_argv", [])
+  return any(a == "-m" and b in _PROGRAMS for a, b in zip(orig, orig[1:]))
+
+
+def _only_cpu_possible() -> bool:
+  """True when JAX could find no accelerator here: no TPU runtime or device, no PJRT plugin.
+
+  jax[tpu] installs the libtpu package and a TPU VM has /dev/accel* (v2-v4) or /dev/vfio (v5e and
+  later); jax[cuda12] and other accelerators come as PJRT plugins, which JAX finds by the
+  `jax_plugins` entry points or namespace package. Where any of these is present nothing is set and
+  JAX picks its backend as usual, so TPU and GPU runs are untouched.
+  """
+  if os.environ.get("TPU_LIBRARY_PATH") or os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+    return False
+  if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+    return False
+  if importlib.util.find_spec("libtpu") is not None or importlib.util.find_spec("jax_plugins") is not None:
+    return False
+  return not importlib.metadata.entry_points(group="jax_plugins")
+
+
+def import_tensorflow_quietly() -> None:
+  """Imports TensorFlow (if it is not yet) with its harmless native start-up lines dropped.
+
+  TensorFlow 2.21 writes them with absl's C++ logging straight to file descriptor 2, so they can only
+  be caught there: stderr goes to a temporary file during the import, and every other line is
+  written back once it is done.
+  """
+  if "tensorflow" in sys.modules or wants_full_logs(sys.argv) or os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "0":
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import
+    return
+  with _native_stderr_without(_HARMLESS_NATIVE_LINES):
+    import tensorflow  # pylint: disable=g-import-not-at-top,unused-import,redefined-outer-name
+
+
+@contextlib.contextmanager
+def _native_stderr_without(lines: Sequence[str]):
+  """Holds back what is written to fd 2 inside the block; writes it back without the given lines.
+
+  A line is dropped when it is one of `lines`, or is an absl log line ("I0000 ... file.cc:N] ")
+  whose message is one of them.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as held:
+    os.dup2(held.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      held.seek(0)
+      for line in held.read().decode(errors="replace").splitlines(keepends=True):
+        message = line.rstrip("\n").split("] ", 1)[-1]
+        if line.rstrip("\n") not in lines and message not in lines:
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
+class _DropExact(std_logging.Filter):
+  """Drops log records whose formatted message is one of `messages`."""
+
+  def __init__(self, messages):
+    super().__init__()
+    self.messages = frozenset(messages)
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.getMessage() not in self.messages
+
+
+class _ConsoleFilter(std_logging.Filter):
+  """What a plain run prints: our own INFO lines, and every library's warnings but the known-harmless."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING:
+      return record.getMessage() not in _HARMLESS_ABSL_WARNINGS
+    return record.pathname.startswith(_PACKAGE_DIR + os.sep)
+
+
+def run_app(main: Callable[[list[str]], None], program: str, help_text: str, keys_file: str,
+            resume_hint: str) -> None:
+  """Runs `main` as an absl app, with one-line errors; never returns.
+
+  program: the console script's name, which starts every error line.
+  help_text: what --help prints before the program's flags.
+  keys_file: where the config keys are listed, named in the message of a mistyped key.
+  resume_hint: what a rerun after Ctrl-C does, e.g. "rerun the same command to resume".
+  """
+  from absl import app  # pylint: disable=g-import-not-at-top  (after quiet_environment)
+  from absl import logging  # pylint: disable=g-import-not-at-top
+
+  from codit_jax.errors import CoditError  # pylint: disable=g-import-not-at-top
+
+  full_logs = wants_full_logs(sys.argv)
+
+  def parse(argv):
+    return _parse_flags(argv, main, program, help_text, keys_file)
+
+  def checked_main(argv):
+    if not full_logs:
+      logging.get_absl_handler().addFilter(_ConsoleFilter())
+    _check_config_loaded()
+    import_tensorflow_quietly()  # codit-train reads its data with TFDS, which imports TensorFlow late
+    main(argv)
+
+  try:
+    app.run(checked_main, flags_parser=parse)
+  except CoditError as e:
+    _fail(program, str(e), 1)
+  except KeyboardInterrupt:
+    _fail(program, f"interrupted; {resume_hint}.", 130)
+  except ModuleNotFoundError as e:
+    top = (e.name or "").split(".")[0]
+    if top not in _EXTRAS:
+      raise
+    _fail(program, f"this needs the optional package {top!r}, which is not installed: {_EXTRAS[top]}", 1)
+
+
+def _fail(program: str, message: str, code: int):
+  print(f"{program}: error: {message}", file=sys.stderr)
+  sys.exit(code)
+
+
+def _parse_flags(argv: list[str], main, program: str, help_text: str, keys_file: str) -> list[str]:
+  """absl's flag parsing, with our --help, and one line for a bad flag or config key."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+  if any(arg in _HELP_ARGS for arg in args):
+    print(_help(main, help_text, full=any(arg.lstrip("-") == "helpfull" for arg in args)))
+    sys.exit(0)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(program, f"{e}. See {program} --help.", 2)
+  except (KeyError, AttributeError) as e:  # ml_collections, for a --config.<key> the config lacks
+    message = unknown_key_message(e, argv, keys_file)
+    if message is None:
+      raise
+    _fail(program, message, 2)
+
+
+def unknown_key_message(error: Exception, argv: Sequence[str], keys_file: str) -> str | None:
+  """The one line for ml_collections' error on an unknown --config.<key>; None if it is not that."""
+  inner = error
+  while inner.args and isinstance(inner.args[0], BaseException):
+    inner = inner.args[0]
+  text = inner.args[0] if inner.args and isinstance(inner.args[0], str) else str(inner)
+  key = re.match(r"""\s*["']*([^'"\n]+)""", text)
+  if key is None:
+    return None
+  key = key.group(1)
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  for arg in argv[1:]:
+    override = re.match(r"--?config\.([^=\s]+)", arg)
+    if override is None:
+      continue
+    path = override.group(1).split(".")
+    if key in path:
+      dotted = ".".join(path[:path.index(key) + 1])
+      hint = ""
+      if suggestion:
+        hint = f" (did you mean {'.'.join(path[:path.index(key)] + [suggestion.group(1)])!r}?)"
+      return f"unknown config key {dotted!r}{hint}; the keys are listed in {keys_file}."
+  return None
+
+
+def _check_config_loaded() -> None:
+  """ml_collections defers a --config file's load error to the first use; report it as one line here."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from codit_jax.errors import CoditError  # pylint: disable=g-import-not-at-top
+
+  if "config" not in flags.FLAGS or flags.FLAGS["config"].value is None:
+    return
+  try:
+    flags.FLAGS["config"].value.keys()
+  except OSError as e:
+    reason = str(e).strip().splitlines()[-1].strip()
+    raise CoditError(f"could not load --config={flags.FLAGS['config'].config_filename}: {reason}") from None
+
+
+def _help(main, help_text: str, full: bool) -> str:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
+  if full:
+    listing = flags.FLAGS.get_help()
+  else:
+    # absl files flags under the defining module's name, or its file when it runs as __main__.
+    module = sys.modules.get(main.__module__)
+    keys = {main.__module__, sys.argv[0], getattr(module, "__file__", None)}
+    by_module = flags.FLAGS.flags_by_module_dict()
+    lines = []
+    for key in sorted(k for k in keys if k in by_module):  # without absl's "<module path>:" header
+      lines += [line for line in flags.FLAGS.module_help(key).splitlines() if line.strip() and line != f"{key}:"]
+    listing = "\n".join(lines)
+  return (f"{help_text.strip()}\n\nFlags:\n{listing}\n\n"
+          "  --verbosity=N: show every library's full logs (TensorFlow, JAX, TFDS, orbax); 0 is INFO.\n"
+          "  --helpfull: list absl's own flags too.")
