@@ -24,13 +24,11 @@ import datetime
 import hashlib
 import json
 import os
-import sys
 import time
 
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-import transformers
 from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -240,9 +238,9 @@ def generate(config, force: bool = False) -> dict:
   for path in (post_path, pre_path) if codit else (post_path,):
     checkpoints.load_config(path)
     checkpoints.SafetensorsFolder(path)  # the weights are there (reads the headers only)
-  post_tokenizer = transformers.AutoTokenizer.from_pretrained(post_path)
+  post_tokenizer = checkpoints.load_tokenizer(post_path, "post_trained")
   if codit:
-    vocab_size = engine_lib.check_vocabularies(post_tokenizer, transformers.AutoTokenizer.from_pretrained(pre_path),
+    vocab_size = engine_lib.check_vocabularies(post_tokenizer, checkpoints.load_tokenizer(pre_path, "pre_trained"),
                                                config.post_trained, config.pre_trained)
   else:
     vocab_size = prompts.real_vocab_size(post_tokenizer, config.post_trained)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import transformers
 from absl import logging
 from flax import nnx
 
@@ -112,7 +111,7 @@ def train(config) -> dict:
     raise CoditError(
         f"{config.student} is a mixture-of-experts model; its CPU expert kernel (a loop over tiles) cannot be "
         "differentiated, so MoE students train on TPU or GPU (jax.lax.ragged_dot) only.")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(student_path)
+  tokenizer = checkpoints.load_tokenizer(student_path, "student")
   data.set_chat_template(tokenizer, config.chat_template, config.student)
   fmt = data.ChatFormat.for_student(tokenizer, student_path)
   logging.info("end of an assistant turn: %s", tokenizer.convert_ids_to_tokens(list(fmt.end_ids)))
