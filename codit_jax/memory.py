@@ -185,10 +185,13 @@ class ModelMemory:
 
   @classmethod
   def from_config(cls, cfg, dtype: str, len_main: int, len_long: int = 0, *, name: str = "",
-                  parallelisms: Sequence[int] = (1, 2, 4, 8, 16, 32, 64)) -> ModelMemory:
+                  parallelisms: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+                  ring_buffers: bool = True) -> ModelMemory:
+    """ring_buffers: sliding-window layers keep min(window, L) slots (False: L, a cache without them)."""
+    kv = lambda length: kv_bytes_per_slot(cfg, length, dtype, ring_buffers) if length else 0  # noqa: E731
     return cls(name=name, weights=tuple((mp, weight_bytes_per_device(cfg, dtype, mp)) for mp in parallelisms),
-               kv_heads=cfg.num_kv_heads, kv_main=kv_bytes_per_slot(cfg, len_main, dtype), len_main=len_main,
-               kv_long=kv_bytes_per_slot(cfg, len_long, dtype) if len_long else 0, len_long=len_long)
+               kv_heads=cfg.num_kv_heads, kv_main=kv(len_main), len_main=len_main, kv_long=kv(len_long),
+               len_long=len_long)
 
   @classmethod
   def simple(cls, weight_bytes: int, kv_heads: int, kv_main: int, len_main: int, kv_long: int = 0,

@@ -199,3 +199,16 @@ def test_device_memory_bytes():
   assert memory.device_memory_bytes([fake(16 * GiB), fake(15 * GiB)]) == 15 * GiB
   assert memory.device_memory_bytes([fake(16 * GiB), types.SimpleNamespace(memory_stats=lambda: None)]) is None
   assert memory.device_memory_bytes(jax.devices("cpu")) is None  # XLA:CPU reports no memory stats
+
+
+def test_model_memory_from_config_matches_the_functions(tiny):
+  _, cfg = checkpoints.load_config(tiny["gemma3_multimodal"])  # sliding layers (window 16)
+  m = memory.ModelMemory.from_config(cfg, "bfloat16", 64, 512, parallelisms=(1, 2))
+  assert m.weight_bytes == 2 * GEMMA3 and m.weights_per_device(2) == memory.weight_bytes_per_device(cfg, "bfloat16", 2)
+  assert m.kv_main + 64 == memory.cache_bytes_per_slot(cfg, 64, "bfloat16")
+  assert m.kv_long + 512 == memory.cache_bytes_per_slot(cfg, 512, "bfloat16")
+  plain = memory.ModelMemory.from_config(cfg, "bfloat16", 64, parallelisms=(1,), ring_buffers=False)
+  assert plain.kv_main + 64 == memory.cache_bytes_per_slot(cfg, 64, "bfloat16", ring_buffers=False) > m.kv_main + 64
+  assert plain.kv_long == 0
+  with pytest.raises(CoditError, match="model_parallelism=4"):
+    m.weights_per_device(4)
