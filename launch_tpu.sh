@@ -19,14 +19,16 @@ the same PROGRAM_FLAGS. On a pod slice the workers find each other through
 jax.distributed, so all of them must run; output_dir must then be shared
 (a gs:// bucket).
 
-Example:
-  ./launch_tpu.sh --name=codit-v5e --zone=us-central2-b --accelerator-type=v5litepod-16 -- \
+Example (v5e is offered in us-central1-a, us-south1-a, us-west1-c and us-west4-a;
+us-central2-b serves only v4):
+  ./launch_tpu.sh --name=codit-v5e --zone=us-west4-a --accelerator-type=v5litepod-16 -- \
     --config=configs/qwen3_8b.py --config.prompts=gs://bucket/seed.jsonl \
     --config.output_dir=gs://bucket/codit-qwen3-8b
 
 Required:
   --name=NAME               TPU VM / pod slice name
-  --zone=ZONE               its zone, e.g. us-central2-b
+  --zone=ZONE               its zone, one that offers the TYPE, e.g. us-west4-a (v5e);
+                            list them: gcloud compute tpus accelerator-types list --zone=ZONE
 
 The TPU (used only when NAME does not exist yet):
   --accelerator-type=TYPE   e.g. v4-8, v5litepod-16, v5p-8, v6e-8; needed to create

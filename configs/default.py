@@ -45,10 +45,14 @@ def get_config() -> config_dict.ConfigDict:
   config.dtype = "bfloat16"  # 'bfloat16' | 'float32'
   # Slots of the running batch (global, over all processes): rows leave as they finish and
   # waiting prompts take their slots. The dataset does not depend on it, nor on the two below.
+  # batch_size is a maximum: the slots that run at once are what the KV-cache budget holds, at most this.
   config.batch_size = 32
   config.chunk_steps = 32  # most decode steps between two looks of the host at the batch
   config.admit_tokens = 1024  # about how many prompt tokens one prefill (admit) program takes
-  config.model_parallelism = 1  # devices per model replica (the 'model' mesh axis)
+  # Devices per model replica (the 'model' mesh axis). 0: automatic, chosen from device memory: the fewest
+  # that hold both models' weights and the whole batch's KV cache (else the most slots); docs/memory.md.
+  config.model_parallelism = 0
+  config.kv_cache_gib = 0.0  # KV cache per device; 0: what the devices have free after the weights, less a margin
   # CoDIT only: the post-trained model on one half of the devices, the pre-trained on the
   # other, both stepping at once (needs an even device count and a pair of equal shapes).
   config.pair_parallel = False

@@ -1,6 +1,6 @@
 """Llama 3.1 8B pair of the paper (llama3 rope scaling, three end tokens). Gated on the Hub: `huggingface-cli login` first.
 
-Runs on one H100/H200 (about 32 GB of bf16 weights), or a TPU v5e-8 with model_parallelism=4.
+Runs on one H100/H200 (29.9 GiB of bf16 weights for both), or a TPU slice (automatic model_parallelism; docs/memory.md).
 
     python -m codit_jax.generate --config=configs/llama31_8b.py \
       --config.prompts=seed.jsonl --config.output_dir=/data/codit-llama31-8b

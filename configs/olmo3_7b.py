@@ -1,6 +1,6 @@
 """OLMo 3 7B pair of the paper (post-norm blocks, q/k norm, sliding window). Use allenai/Olmo-3-7B-Instruct-SFT for the SFT-only teacher.
 
-Runs on one H100/H200, or a TPU v5e-8 with model_parallelism=4.
+Runs on one H100/H200, or a TPU slice (automatic model_parallelism; docs/memory.md).
 
     python -m codit_jax.generate --config=configs/olmo3_7b.py \
       --config.prompts=seed.jsonl --config.output_dir=/data/codit-olmo3-7b

@@ -5,9 +5,10 @@ Both models take about 122 GB in bf16 (30.5B parameters each), and the KV cache
 prompt) slots (docs/moe.md has the arithmetic). The experts are split over the
 'model' mesh axis (expert parallelism), so model_parallelism should divide 128.
 
-  * TPU v6e-8 (8 chips x 32 GB) or 8 x H100: model_parallelism=8, as set here.
-  * TPU v5p-8 (4 chips x 95 GB): --config.model_parallelism=4.
-  * one H200: --config.model_parallelism=1 --config.batch_size=8 (XLA_PYTHON_CLIENT_MEM_FRACTION=0.95).
+model_parallelism is automatic (0, from device memory; docs/memory.md):
+  * TPU v6e-8 (8 chips x 32 GB): 8 (about 12 slots: the weights leave little room).
+  * TPU v5p-8 (4 chips x 95 GB): 2, and the whole batch fits.
+  * one H200: 1, about 5 slots, with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (JAX's default 75% is too little).
   * TPU v5e-8 (128 GB) cannot hold both models: use v5e-16 or larger.
 
     python -m codit_jax.generate --config=configs/qwen3_30b_a3b.py \
@@ -22,6 +23,5 @@ def get_config():
   config.post_trained = "Qwen/Qwen3-30B-A3B"
   config.pre_trained = "Qwen/Qwen3-30B-A3B-Base"
   config.enable_thinking = False  # CODIT.md: Qwen3 templates get enable_thinking=False
-  config.model_parallelism = 8  # weights do not fit a chip: every model spans the 8 chips of a v6e-8
   config.batch_size = 64
   return config

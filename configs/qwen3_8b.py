@@ -1,6 +1,7 @@
 """Qwen3 8B pair of the paper (q/k RMSNorm; thinking off).
 
-Runs on one H100/H200 (about 33 GB of bf16 weights for both models), or a TPU v5e-8 / v6e-8 with model_parallelism=4.
+Runs on one H100/H200 (30.5 GiB of bf16 weights for both models) or a TPU slice; model_parallelism is
+automatic (4 or 8 chips per model on v5e, 2 on v6e; docs/memory.md).
 
     python -m codit_jax.generate --config=configs/qwen3_8b.py \
       --config.prompts=seed.jsonl --config.output_dir=/data/codit-qwen3-8b
