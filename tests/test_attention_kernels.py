@@ -5,6 +5,8 @@ here in Pallas interpret mode and is checked against the pure-jnp reference and
 against the decoder's own `attend` / `attend_step` on the equivalent masks.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,11 +38,30 @@ def _rows(slots, window):
   return jnp.asarray(key_valid), jnp.asarray(index, jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "softcap"))
 def _project_attend(q, keys, values, start, end, scale, softcap=None):
   """decoder.attend on the CPU layout with the mask of slots [start, end)."""
-  slots = np.arange(keys.shape[2])
-  mask = (slots[None, :] >= np.asarray(start)[:, None]) & (slots[None, :] < np.asarray(end)[:, None])
-  return decoder.attend(q, jnp.swapaxes(keys, 2, 3), values, jnp.asarray(mask)[:, None, :], scale, softcap)
+  slots = jnp.arange(keys.shape[2])
+  mask = (slots[None, :] >= start[:, None]) & (slots[None, :] < end[:, None])
+  return decoder.attend(q, jnp.swapaxes(keys, 2, 3), values, mask[:, None, :], scale, softcap)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "block"))
+def _reference(q, keys, values, start, end, scale, softcap=None, block=ak.REFERENCE_BLOCK):
+  return ak.reference_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap, block=block)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "interpret"))
+def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=True):
+  return ak.kernel_layout_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap,
+                                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale"))
+def _attend_step(q, keys, values, key_valid, index, window, scale):
+  first, last = decoder.step_block_range(index, window)
+  return decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
+                             decoder.StepMask(key_valid, index, window, first, last), scale, None)
 
 
 def _f32(x):
@@ -64,17 +85,14 @@ def test_interpreted_gpu_kernel_matches_reference_and_attend(heads, kv_heads, he
   q, keys, values = _inputs(len(index), heads, kv_heads, head_dim, slots, dtype)
   scale = head_dim ** -0.5
   assert ak.gpu_kernel_fits(q[:, 0].shape, keys.shape)
-  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=scale, interpret=True))
-  out = run(q, keys, values, start, end)
+  out = _kernel_layout(q, keys, values, start, end, scale)
   assert out.shape == q.shape and out.dtype == dtype
-  reference = ak.reference_decode_attention(q[:, 0], keys, values, start, end, scale=scale)
+  reference = _reference(q[:, 0], keys, values, start, end, scale)
   np.testing.assert_allclose(_f32(out[:, 0]), _f32(reference), **TOLERANCE[dtype])
   project = _project_attend(q, keys, values, start, end, scale)
   np.testing.assert_allclose(_f32(out), _f32(project), **TOLERANCE[dtype])
   # ... and the decoder's decode-step path, on its own mask (key_valid, index, window)
-  first, last = decoder.step_block_range(index, window)
-  step = decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
-                             decoder.StepMask(key_valid, index, window, first, last), scale, None)
+  step = _attend_step(q, keys, values, key_valid, index, window, scale)
   np.testing.assert_allclose(_f32(out), _f32(step), **TOLERANCE[dtype])
 
 
@@ -93,8 +111,8 @@ def test_platform_dependent_wrapper_on_cpu_is_the_reference():
   key_valid, index = _rows(slots, window)
   start, end = ak.visible_range(key_valid, index, window)
   q, keys, values = _inputs(len(index), 8, 2, 64, slots, jnp.float32)
-  out = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125))(q, keys, values, start, end)
-  reference = jax.jit(lambda *a: ak.reference_decode_attention(*a, scale=0.125))(q[:, 0], keys, values, start, end)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, interpret=False)
+  reference = _reference(q[:, 0], keys, values, start, end, 0.125)
   np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(reference))
   dispatched = jax.jit(lambda *a: ak.decode_attention(*a, scale=0.125, layout=ak.cache_layout()))(
       q, jnp.swapaxes(keys, 2, 3), values, start, end)  # CPU: the transposed layout
@@ -105,9 +123,8 @@ def test_platform_dependent_wrapper_on_cpu_is_the_reference():
 def test_empty_rows_give_zeros():
   q, keys, values = _inputs(3, 4, 2, 64, 512, jnp.float32)
   start, end = jnp.array([5, 300, 0], jnp.int32), jnp.array([5, 200, 512], jnp.int32)
-  out = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret=True))(
-      q, keys, values, start, end)
-  reference = ak.reference_decode_attention(q[:, 0], keys, values, start, end, scale=0.125)
+  out = _kernel_layout(q, keys, values, start, end, 0.125)
+  reference = _reference(q[:, 0], keys, values, start, end, 0.125)
   assert np.all(np.asarray(out[:2]) == 0) and np.all(np.asarray(reference[:2]) == 0)
   np.testing.assert_allclose(np.asarray(out[2, 0]), np.asarray(reference[2]), atol=2e-5, rtol=2e-5)
 
@@ -116,7 +133,7 @@ def test_softcap_and_unfit_shapes_run_the_reference():
   key_valid, index = _rows(512, None)
   start, end = ak.visible_range(key_valid, index, None)
   q, keys, values = _inputs(len(index), 4, 2, 64, 512, jnp.float32)
-  out = ak.kernel_layout_decode_attention(q, keys, values, start, end, scale=0.125, softcap=50.0, interpret=True)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, softcap=50.0)
   project = _project_attend(q, keys, values, start, end, 0.125, softcap=50.0)
   np.testing.assert_allclose(np.asarray(out), np.asarray(project), atol=2e-5, rtol=2e-5)
   # head_dim 80 (not a power of two) and a 200-slot cache (no split of 16 slots) do not fit
@@ -124,7 +141,7 @@ def test_softcap_and_unfit_shapes_run_the_reference():
   assert not ak.gpu_kernel_fits((6, 4, 64), (6, 2, 200, 64))
   short = _inputs(len(index), 4, 2, 80, 200, jnp.float32)
   start, end = jnp.minimum(start, 150), jnp.minimum(end, 200)
-  out = ak.kernel_layout_decode_attention(*short, start, end, scale=0.1, interpret=True)
+  out = _kernel_layout(*short, start, end, 0.1)
   np.testing.assert_allclose(np.asarray(out), np.asarray(_project_attend(*short, start, end, 0.1)), atol=2e-5, rtol=2e-5)
 
 
@@ -132,8 +149,8 @@ def test_reference_block_loop_matches_dense():
   key_valid, index = _rows(1024, 300)
   start, end = ak.visible_range(key_valid, index, 300)
   q, keys, values = _inputs(len(index), 8, 4, 64, 1024, jnp.float32)
-  blocks = ak.reference_decode_attention(q[:, 0], keys, values, start, end, scale=0.125, softcap=30.0)
-  dense = ak.reference_decode_attention(q[:, 0], keys, values, start, end, scale=0.125, softcap=30.0, block=1024)
+  blocks = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0)
+  dense = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0, block=1024)
   np.testing.assert_allclose(np.asarray(blocks), np.asarray(dense), atol=2e-5, rtol=2e-5)
 
 
