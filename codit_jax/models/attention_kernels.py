@@ -1,0 +1,218 @@
+"""Decode attention (one query per row, each row its own visible slot range) through the
+kernels JAX ships, for continuous batching on accelerators.
+
+A decode step's query of row r sees the contiguous cache slots [start[r], end[r]):
+start is the row's first real slot (after the prompt's left padding), or
+index - window + 1 for a sliding-window layer, whichever is later; end = index + 1
+(exclusive, as the kernel's `kv_seq_len`).
+
+Cache layouts (chosen once per backend, at trace time: `cache_layout()`):
+  * "transposed" (CPU): keys (b, kv_heads, head_dim, L), values (b, kv_heads, L, head_dim),
+    the layout `decoder.attend_step` is tuned for on XLA:CPU.
+  * "kernel" (GPU, TPU): keys and values both (b, kv_heads, L, head_dim). This is the
+    layout `jax.experimental.pallas.ops.gpu.decode_attention` works on inside: its
+    `gqa` takes (b, L, kv_heads, d) and swaps axes 1 and 2 itself, so we hand it
+    swapaxes(cache, 1, 2) and XLA folds the two transposes away (no copy of the
+    cache; `test_no_cache_transpose_in_hlo`). The transposed key layout cannot be
+    given to the kernel without a copy of the whole cache each step.
+
+`jax.lax.platform_dependent` traces every branch, so its branches must accept the
+same shapes: the layout is picked by the caller at trace time, and
+platform_dependent only chooses, within the kernel layout, between the Pallas GPU
+kernel (cuda) and the pure-jnp reference (cpu, tpu, others).
+
+Why not the TPU kernels: `ops.tpu.paged_attention` takes `lengths` (keys [0, len))
+and no start, no sm_scale and no sliding window; `ops.tpu.ragged_paged_attention`
+takes kv_lens (keys [0, len)), a sliding window and a soft cap, but no start either,
+and a combined cache (pages, page_size, 2 * kv_heads, head_dim) with K and V
+interleaved on the head axis. Neither can hide a row's left padding, so on TPU the
+kernel layout runs the reference (a block loop over the live rows' slot range).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode_attention
+
+TRANSPOSED = "transposed"
+KERNEL = "kernel"
+
+# Same value and role as decoder._MASKED (not imported: the decoder will import this module).
+_MASKED = float(np.finfo(np.float32).min)
+# Same as decoder.DECODE_BLOCK: the reference reads the cache in blocks of this many slots.
+REFERENCE_BLOCK = 256
+
+# The GPU kernel's tiles (Triton): query heads padded to blocks of 16 per kv head;
+# each of k_splits parallel pieces of the cache is read block_k slots at a time.
+# Triton block shapes must be powers of two, hence the constraints in `gpu_kernel_fits`.
+GPU_BLOCK_H = 16
+GPU_BLOCK_K = 128
+GPU_MAX_SPLIT = 512  # slots per split at most: at L = 4096, 8 splits per (row, kv head)
+
+
+def cache_layout(backend: str | None = None) -> str:
+  """The decode cache layout for `backend` (default: jax.default_backend())."""
+  backend = backend or jax.default_backend()
+  return TRANSPOSED if backend == "cpu" else KERNEL
+
+
+def key_slot_axis(layout: str) -> int:
+  """The slot axis of the key cache (b, kv_heads, ., .) in `layout`: write_slot's axis for keys."""
+  return 3 if layout == TRANSPOSED else 2
+
+
+def keys_to_layout(keys_bkld, layout: str):
+  """Keys (b, kv_heads, L, d) (the kernel layout) in `layout`."""
+  return jnp.swapaxes(keys_bkld, 2, 3) if layout == TRANSPOSED else keys_bkld
+
+
+def _power_of_two(n: int) -> bool:
+  return n > 0 and n & (n - 1) == 0
+
+
+def gpu_split(slots: int) -> int | None:
+  """Slots per split of the GPU kernel for a cache of `slots`: the largest power of two
+  that divides it, at most GPU_MAX_SPLIT; None if under 16 (the kernel's minimum)."""
+  split = min(slots & -slots, GPU_MAX_SPLIT)
+  return split if split >= 16 else None
+
+
+def gpu_kernel_fits(q_shape, kv_shape) -> bool:
+  """Whether the Pallas GPU decode kernel takes these shapes: head_dim a power of two
+  >= 16 (Triton tiles), kv_heads dividing heads, a cache length with a split (`gpu_split`)."""
+  _, h, d = q_shape
+  _, kv_heads, slots, d_kv = kv_shape
+  return (d == d_kv and _power_of_two(d) and d >= 16 and h % kv_heads == 0
+          and gpu_split(slots) is not None)
+
+
+def gpu_kernel_decode_attention(q, keys, values, start, end, *, scale: float, interpret: bool = False):
+  """The Pallas GPU kernel (`decode_attention.gqa`) on the kernel layout.
+
+  q: (b, h, d); keys, values: (b, kv_heads, L, d); start, end: (b,) int32, keys [start, end).
+  Rows with start >= end give 0s. No soft cap. q is cast to the cache dtype (Triton's dots
+  take one input dtype); the result is in values' dtype.
+  """
+  slots = keys.shape[2]
+  split = gpu_split(slots)
+  out = gpu_decode_attention.gqa(
+      q.astype(keys.dtype), jnp.swapaxes(keys, 1, 2), jnp.swapaxes(values, 1, 2),
+      start.astype(jnp.int32), end.astype(jnp.int32),
+      sm_scale=float(scale), block_h=GPU_BLOCK_H, block_k=min(GPU_BLOCK_K, split),
+      k_splits=slots // split, interpret=interpret)
+  return out.astype(values.dtype)
+
+
+def reference_decode_attention(q, keys, values, start, end, *, scale: float, softcap: float | None = None,
+                               block: int = REFERENCE_BLOCK):
+  """Pure-jnp decode attention on the kernel layout, float32 scores and softmax.
+
+  q: (b, h, d); keys, values: (b, kv_heads, L, d); start, end: (b,), keys [start, end).
+  A cache of more than one whole number of `block`s is read block by block, only over
+  the blocks that hold a key some row sees (rows with start >= end do not count), with
+  an online softmax: a step's cost follows the rows' ranges, not L (as decoder.attend_step).
+  Rows with start >= end give 0s, as the GPU kernel does. Returns (b, h, d) in q's dtype.
+  """
+  b, h, d = q.shape
+  kv_heads, slots = keys.shape[1], keys.shape[2]
+  q = q.reshape(b, kv_heads, h // kv_heads, d).astype(jnp.float32)
+  start, end = start.astype(jnp.int32), end.astype(jnp.int32)
+  nonempty = start < end
+
+  def scores_of(first_slot, size):
+    k = jax.lax.dynamic_slice_in_dim(keys, first_slot, size, axis=2).astype(jnp.float32)
+    s = jnp.einsum("bkgd,bktd->bkgt", q, k) * scale
+    if softcap:
+      s = jnp.tanh(s / softcap) * softcap
+    slot = first_slot + jnp.arange(size)
+    seen = (slot[None, :] >= start[:, None]) & (slot[None, :] < end[:, None])
+    return jnp.where(seen[:, None, None, :], s, _MASKED)
+
+  if slots <= block or slots % block:
+    probs = jax.nn.softmax(scores_of(0, slots), axis=-1)
+    out = jnp.einsum("bkgt,bktd->bkgd", probs, values.astype(jnp.float32))
+  else:
+    big = jnp.iinfo(jnp.int32).max
+    first = jnp.min(jnp.where(nonempty, start // block, big))
+    last = jnp.max(jnp.where(nonempty, (end - 1) // block + 1, 0))
+
+    def one_block(i, carry):
+      top, total, acc = carry
+      s = scores_of(i * block, block)
+      new_top = jnp.maximum(top, jnp.max(s, axis=-1))
+      rescale = jnp.exp(top - new_top)
+      p = jnp.exp(s - new_top[..., None])
+      v = jax.lax.dynamic_slice_in_dim(values, i * block, block, axis=2).astype(jnp.float32)
+      total = total * rescale + jnp.sum(p, axis=-1)
+      acc = acc * rescale[..., None] + jnp.einsum("bkgt,bktd->bkgd", p, v)
+      return new_top, total, acc
+
+    init = (jnp.full(q.shape[:-1], _MASKED, jnp.float32), jnp.zeros(q.shape[:-1], jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
+    _, total, acc = jax.lax.fori_loop(jnp.minimum(first, last), last, one_block, init)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+  out = jnp.where(nonempty[:, None, None, None], out, 0.0)
+  return out.reshape(b, h, d).astype(values.dtype)
+
+
+def kernel_layout_decode_attention(q, keys, values, start, end, *, scale: float,
+                                   softcap: float | None = None, interpret: bool = False):
+  """Decode attention on the kernel layout: the Pallas GPU kernel on CUDA, the reference elsewhere.
+
+  q: (b, 1, h, d) (a decode step's query, as decoder.Attention has it) or (b, h, d);
+  keys, values: (b, kv_heads, L, d); start, end: (b,) int, each row sees slots
+  [start, end) (end exclusive: index + 1). Returns q's shape, in values' dtype.
+
+  With a soft cap (gemma2's attn_logit_softcap), or shapes the kernel does not take
+  (`gpu_kernel_fits`), every platform runs the reference. interpret=True runs the GPU
+  kernel in Pallas interpret mode on any platform, instead of the platform choice (tests).
+  """
+  shape = q.shape
+  q3 = q.reshape(shape[0], shape[-2], shape[-1])
+  reference = functools.partial(reference_decode_attention, scale=scale, softcap=softcap)
+  if softcap or not gpu_kernel_fits(q3.shape, keys.shape):
+    out = reference(q3, keys, values, start, end)
+  elif interpret:
+    out = gpu_kernel_decode_attention(q3, keys, values, start, end, scale=scale, interpret=True)
+  else:
+    kernel = functools.partial(gpu_kernel_decode_attention, scale=scale)
+    out = jax.lax.platform_dependent(q3, keys, values, start, end, cuda=kernel, default=reference)
+  return out.astype(values.dtype).reshape(shape)
+
+
+def transposed_reference_decode_attention(q, keys, values, start, end, *, scale: float,
+                                          softcap: float | None = None):
+  """The same attention on the CPU ("transposed") layout, keys (b, kv_heads, d, L): dense, for
+  `decode_attention`'s completeness; the decoder's CPU path is its own `attend_step`."""
+  return reference_decode_attention(q, jnp.swapaxes(keys, 2, 3), values, start, end, scale=scale,
+                                    softcap=softcap, block=keys.shape[-1])
+
+
+def decode_attention(q, keys, values, start, end, *, scale: float, softcap: float | None = None,
+                     layout: str, interpret: bool = False):
+  """Decode attention for a cache in `layout` (`cache_layout()`); see kernel_layout_decode_attention."""
+  if layout == KERNEL:
+    return kernel_layout_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap,
+                                          interpret=interpret)
+  if layout != TRANSPOSED:
+    raise ValueError(f"unknown cache layout {layout!r}")
+  shape = q.shape
+  out = transposed_reference_decode_attention(q.reshape(shape[0], shape[-2], shape[-1]), keys, values,
+                                              start, end, scale=scale, softcap=softcap)
+  return out.reshape(shape)
+
+
+def visible_range(key_valid, index, window: int | None):
+  """(start, end) per row for a decode step from the cache's key_valid (b, L) and each row's
+  query slot index (b,) (its key already written): start = the row's first real slot (the
+  first True of key_valid: the prompt's left padding sits before it), raised to
+  index - window + 1 under a sliding window; end = index + 1. Assumes a row's real slots
+  are contiguous from its first to index (left padding only), as the decoder's caches are."""
+  first_real = jnp.argmax(key_valid, axis=1).astype(jnp.int32)
+  index = index.astype(jnp.int32)
+  start = first_real if window is None else jnp.maximum(first_real, index - window + 1)
+  return start, index + 1

@@ -1,0 +1,179 @@
+"""Decode attention through JAX's kernels (models/attention_kernels.py), on CPU.
+
+The Pallas GPU kernel (jax.experimental.pallas.ops.gpu.decode_attention.gqa) runs
+here in Pallas interpret mode and is checked against the pure-jnp reference and
+against the decoder's own `attend` / `attend_step` on the equivalent masks.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from codit_jax.models import attention_kernels as ak
+from codit_jax.models import decoder
+
+# bfloat16: the kernel rounds each split's partial output to bf16 before combining them
+# (decode_attention.decode_attn_unbatched), the reference rounds once: a few bf16 ulps.
+TOLERANCE = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=3e-2, rtol=3e-2)}
+
+
+def _inputs(b, heads, kv_heads, head_dim, slots, dtype, seed=0):
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(seed), 3)
+  q = jax.random.normal(kq, (b, 1, heads, head_dim), jnp.float32).astype(dtype)
+  keys = jax.random.normal(kk, (b, kv_heads, slots, head_dim), jnp.float32).astype(dtype)
+  values = jax.random.normal(kv, (b, kv_heads, slots, head_dim), jnp.float32).astype(dtype)
+  return q, keys, values
+
+
+def _rows(slots, window):
+  """(key_valid (b, L), index (b,)) of a continuous batch: left padding, different clocks."""
+  pad = np.array([0, 3, slots // 3, 17, 0, 1])
+  index = np.array([slots - 1, 40, slots - 2, slots // 2 + 5, 0, 20])
+  if window is not None:
+    index[3] = min(slots - 1, index[3] + window)  # a row past its window: start = index - window + 1
+  key_valid = (np.arange(slots)[None, :] >= pad[:, None]) & (np.arange(slots)[None, :] <= index[:, None])
+  return jnp.asarray(key_valid), jnp.asarray(index, jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap"))
+def _project_attend(q, keys, values, start, end, scale, softcap=None):
+  """decoder.attend on the CPU layout with the mask of slots [start, end)."""
+  slots = jnp.arange(keys.shape[2])
+  mask = (slots[None, :] >= start[:, None]) & (slots[None, :] < end[:, None])
+  return decoder.attend(q, jnp.swapaxes(keys, 2, 3), values, mask[:, None, :], scale, softcap)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "block"))
+def _reference(q, keys, values, start, end, scale, softcap=None, block=ak.REFERENCE_BLOCK):
+  return ak.reference_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap, block=block)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "interpret"))
+def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=True):
+  return ak.kernel_layout_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap,
+                                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("window", "scale"))
+def _attend_step(q, keys, values, key_valid, index, window, scale):
+  first, last = decoder.step_block_range(index, window)
+  return decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
+                             decoder.StepMask(key_valid, index, window, first, last), scale, None)
+
+
+def _f32(x):
+  return np.asarray(x.astype(jnp.float32))
+
+
+CASES = [  # (heads, kv_heads, head_dim, slots, window)
+    (4, 2, 64, 512, None),
+    (8, 2, 128, 512, 100),
+    (8, 4, 64, 768, None),    # 768 = 3 x 256: splits of 256 slots (a power of two)
+    (16, 4, 128, 256, 64),
+    (8, 2, 64, 1024, 300),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,slots,window", CASES)
+def test_interpreted_gpu_kernel_matches_reference_and_attend(heads, kv_heads, head_dim, slots, window, dtype):
+  key_valid, index = _rows(slots, window)
+  start, end = ak.visible_range(key_valid, index, window)
+  q, keys, values = _inputs(len(index), heads, kv_heads, head_dim, slots, dtype)
+  scale = head_dim ** -0.5
+  assert ak.gpu_kernel_fits(q[:, 0].shape, keys.shape)
+  out = _kernel_layout(q, keys, values, start, end, scale)
+  assert out.shape == q.shape and out.dtype == dtype
+  reference = _reference(q[:, 0], keys, values, start, end, scale)
+  np.testing.assert_allclose(_f32(out[:, 0]), _f32(reference), **TOLERANCE[dtype])
+  project = _project_attend(q, keys, values, start, end, scale)
+  np.testing.assert_allclose(_f32(out), _f32(project), **TOLERANCE[dtype])
+  # ... and the decoder's decode-step path, on its own mask (key_valid, index, window)
+  step = _attend_step(q, keys, values, key_valid, index, window, scale)
+  np.testing.assert_allclose(_f32(out), _f32(step), **TOLERANCE[dtype])
+
+
+def test_visible_range_is_the_step_mask():
+  slots, window = 512, 100
+  for w in (None, window):
+    key_valid, index = _rows(slots, w)
+    start, end = ak.visible_range(key_valid, index, w)
+    mask = decoder.StepMask(key_valid, index, w, 0, 0).visible(0, slots)
+    s = np.arange(slots)
+    np.testing.assert_array_equal(np.asarray(mask), (s >= np.asarray(start)[:, None]) & (s < np.asarray(end)[:, None]))
+
+
+def test_platform_dependent_wrapper_on_cpu_is_the_reference():
+  slots, window = 1024, 300
+  key_valid, index = _rows(slots, window)
+  start, end = ak.visible_range(key_valid, index, window)
+  q, keys, values = _inputs(len(index), 8, 2, 64, slots, jnp.float32)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, interpret=False)
+  reference = _reference(q[:, 0], keys, values, start, end, 0.125)
+  np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(reference))
+  dispatched = jax.jit(lambda *a: ak.decode_attention(*a, scale=0.125, layout=ak.cache_layout()))(
+      q, jnp.swapaxes(keys, 2, 3), values, start, end)  # CPU: the transposed layout
+  assert ak.cache_layout() == ak.TRANSPOSED and ak.cache_layout("gpu") == ak.KERNEL
+  np.testing.assert_allclose(np.asarray(dispatched[:, 0]), np.asarray(reference), atol=2e-5, rtol=2e-5)
+
+
+def test_empty_rows_give_zeros():
+  q, keys, values = _inputs(3, 4, 2, 64, 512, jnp.float32)
+  start, end = jnp.array([5, 300, 0], jnp.int32), jnp.array([5, 200, 512], jnp.int32)
+  out = _kernel_layout(q, keys, values, start, end, 0.125)
+  reference = _reference(q[:, 0], keys, values, start, end, 0.125)
+  assert np.all(np.asarray(out[:2]) == 0) and np.all(np.asarray(reference[:2]) == 0)
+  np.testing.assert_allclose(np.asarray(out[2, 0]), np.asarray(reference[2]), atol=2e-5, rtol=2e-5)
+
+
+def test_softcap_and_unfit_shapes_run_the_reference():
+  key_valid, index = _rows(512, None)
+  start, end = ak.visible_range(key_valid, index, None)
+  q, keys, values = _inputs(len(index), 4, 2, 64, 512, jnp.float32)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, softcap=50.0)
+  project = _project_attend(q, keys, values, start, end, 0.125, softcap=50.0)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(project), atol=2e-5, rtol=2e-5)
+  # head_dim 80 (not a power of two) and a 200-slot cache (no split of 16 slots) do not fit
+  assert not ak.gpu_kernel_fits((6, 4, 80), (6, 2, 512, 80))
+  assert not ak.gpu_kernel_fits((6, 4, 64), (6, 2, 200, 64))
+  short = _inputs(len(index), 4, 2, 80, 200, jnp.float32)
+  start, end = jnp.minimum(start, 150), jnp.minimum(end, 200)
+  out = _kernel_layout(*short, start, end, 0.1)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_project_attend(*short, start, end, 0.1)), atol=2e-5, rtol=2e-5)
+
+
+def test_reference_block_loop_matches_dense():
+  key_valid, index = _rows(1024, 300)
+  start, end = ak.visible_range(key_valid, index, 300)
+  q, keys, values = _inputs(len(index), 8, 4, 64, 1024, jnp.float32)
+  blocks = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0)
+  dense = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0, block=1024)
+  np.testing.assert_allclose(np.asarray(blocks), np.asarray(dense), atol=2e-5, rtol=2e-5)
+
+
+def test_gpu_split_sizes():
+  assert ak.gpu_split(4096) == 512 and ak.gpu_split(768) == 256 and ak.gpu_split(256) == 256
+  assert ak.gpu_split(48) == 16 and ak.gpu_split(100) is None
+
+
+def test_no_cache_transpose_in_hlo():
+  """gqa swaps axes 1, 2 of the cache it is given and we give it swapaxes(cache, 1, 2): XLA folds
+  the pair, so the compiled step reads the cache as stored (no transposed copy)."""
+  q, keys, values = _inputs(4, 8, 2, 64, 1024, jnp.float32)
+  start, end = jnp.zeros(4, jnp.int32), jnp.full(4, 1024, jnp.int32)
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret=True))
+  hlo = run.lower(q, keys, values, start, end).compile().as_text()
+  assert "transpose(" not in hlo
+
+
+def test_cuda_lowering_uses_the_triton_kernel():
+  """Lowered for CUDA (no GPU needed), the platform_dependent wrapper is the Pallas Triton call."""
+  q = jax.ShapeDtypeStruct((4, 1, 16, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4, 4, 768, 128), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5))
+  text = run.trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text
