@@ -33,11 +33,12 @@ from absl import flags, logging
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from codit_jax import __version__, checkpoints, parallel, runtime
+from codit_jax import __version__, checkpoints, memory, parallel, runtime
 from codit_jax.data import instructions, prompts, repetition
 from codit_jax.data import writer as writer_lib
 from codit_jax.decoding import engine as engine_lib
 from codit_jax.errors import CoditError
+from codit_jax.models.decoder import cache_length
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (configs/*.py).",
@@ -70,7 +71,10 @@ _CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JA
 # and prompt digest), not by the file's path.
 _NOT_CONTENT_KEYS = frozenset({
     "output_dir", "prompts", "batch_size", "model_parallelism", "compilation_cache_dir", "log_every_seconds",
-    "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input"})
+    "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input", "kv_cache_gib"})
+# Prompts up to this many tokens run in the main pass; longer ones (up to max_prompt_len) after it,
+# in fewer slots sized for them, within the same memory.
+MAIN_PROMPT_LEN = 2048
 _REQUIRED = ("post_trained", "prompts", "output_dir")
 _LONG_PROMPT_POLICIES = ("skip", "truncate")
 
@@ -235,8 +239,8 @@ def generate(config, force: bool = False) -> dict:
   post_path = checkpoints.resolve(config.post_trained)
   pre_path = checkpoints.resolve(config.pre_trained) if codit else None
   _, post_cfg = checkpoints.load_config(post_path)
+  pre_cfg = checkpoints.load_config(pre_path)[1] if codit else None
   for path in (post_path, pre_path) if codit else (post_path,):
-    checkpoints.load_config(path)
     checkpoints.SafetensorsFolder(path)  # the weights are there (reads the headers only)
   post_tokenizer = checkpoints.load_tokenizer(post_path, "post_trained")
   if codit:
@@ -245,7 +249,7 @@ def generate(config, force: bool = False) -> dict:
   else:
     vocab_size = prompts.real_vocab_size(post_tokenizer, config.post_trained)
   end_ids = tuple(prompts.end_token_ids(post_tokenizer, post_path))
-  max_prompt_len = config.max_prompt_len or min(2048, post_cfg.max_position_embeddings - config.max_new_tokens)
+  max_prompt_len = config.max_prompt_len or post_cfg.max_position_embeddings - config.max_new_tokens
   if max_prompt_len < 1 or max_prompt_len + config.max_new_tokens > post_cfg.max_position_embeddings:
     raise CoditError(
         f"max_prompt_len {max_prompt_len} + max_new_tokens {config.max_new_tokens} exceeds the context of "
@@ -257,6 +261,12 @@ def generate(config, force: bool = False) -> dict:
       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
       max_new_tokens=config.max_new_tokens, pair_parallel=bool(config.get("pair_parallel")))
   items, report = read_prompts(config, post_tokenizer, max_prompt_len, enable_thinking)
+  main_prompt_len = min(MAIN_PROMPT_LEN, max_prompt_len)
+  has_long = any(len(p.ids) > main_prompt_len for p in items)
+  memory_plan = _memory_plan(config, decode_settings, [post_cfg] + ([pre_cfg] if codit else []),
+                             main_prompt_len, max_prompt_len if has_long else 0)
+  if has_long and not memory_plan.slots_long:
+    items = _skip_long(items, main_prompt_len, memory_plan, report)
 
   settings = run_settings(config)
   writer = writer_lib.DatasetWriter(config.output_dir, settings, process_index=process, num_processes=num_processes,
@@ -278,16 +288,29 @@ def generate(config, force: bool = False) -> dict:
   logging.info("%d prompts; %d already written, %d to do.", len(items), len(items) - len(todo), len(todo))
 
   if todo:
-    engine = _engine(config, decode_settings, post_path, pre_path, max_prompt_len)
-    progress = Progress(len(items), len(items) - len(todo), config.log_every_seconds, config.batch_size)
-    by_id = {p.id: p for p in todo}
+    post, pre, mesh = _load_models(config, decode_settings, post_path, pre_path, memory_plan.model_parallelism)
+    passes = [(main_prompt_len, memory_plan.slots_main, [p for p in todo if len(p.ids) <= main_prompt_len]),
+              (max_prompt_len, memory_plan.slots_long, [p for p in todo if len(p.ids) > main_prompt_len])]
+    done = len(items) - len(todo)
     try:
-      for completion in engine.run([(p.id, p.ids) for p in todo], on_chunk=progress.update):
-        prompt = by_id[completion.id]
-        writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
+      for prompt_len, slots, group in passes:
+        if not group:
+          continue
+        if prompt_len > main_prompt_len:
+          logging.info("long prompts: %d prompts over %d tokens, in %d slots sized for %d.", len(group),
+                       main_prompt_len, slots, prompt_len)
+        engine = engine_lib.Engine(post, pre, decode_settings, batch_size=slots, max_prompt_len=prompt_len,
+                                   seed=config.seed, mesh=mesh, min_bucket=config.min_bucket,
+                                   chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
+        progress = Progress(len(items), done, config.log_every_seconds, slots)
+        by_id = {p.id: p for p in group}
+        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update):
+          prompt = by_id[completion.id]
+          writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
+        progress.update(engine.stats, force=True)
+        done += len(group)
     finally:
       writer.flush()  # on Ctrl-C too: the rows that finished are kept, and a rerun resumes after them
-    progress.update(engine.stats, force=True)
 
   _barrier("written")
   summary = {}
@@ -298,17 +321,39 @@ def generate(config, force: bool = False) -> dict:
   return summary
 
 
-def _engine(config, decode_settings, post_path, pre_path, max_prompt_len: int) -> engine_lib.Engine:
-  """Loads the model(s) onto the mesh and builds the engine."""
-  mesh = parallel.make_mesh(config.model_parallelism, pair_parallel=decode_settings.pair_parallel)
+def _memory_plan(config, decode_settings, cfgs, main_prompt_len: int, long_prompt_len: int) -> memory.MemoryPlan:
+  """Devices per model and slots of each pass, from the devices' memory; logged."""
+  n = decode_settings.max_new_tokens
+  len_main = cache_length(main_prompt_len + n)
+  len_long = cache_length(long_prompt_len + n) if long_prompt_len else 0
+  models = [memory.ModelMemory.from_config(cfg, config.dtype, len_main, len_long, name=name)
+            for cfg, name in zip(cfgs, ("post_trained", "pre_trained"))]
+  result = memory.plan(models, device_memory=memory.device_memory_bytes(), device_count=jax.device_count(),
+                       batch_size=config.batch_size, kv_cache_gib=config.kv_cache_gib,
+                       model_parallelism=config.model_parallelism, pair_parallel=decode_settings.pair_parallel)
+  weights = " + ".join(f"{m.weight_bytes / memory.GiB:.2f}" for m in models)
+  logging.info("memory: weights %s GiB (%s); %s", weights, config.dtype, result.describe())
+  return result
+
+
+def _skip_long(items: list[Prompt], main_prompt_len: int, memory_plan, report) -> list[Prompt]:
+  """Prompts over main_prompt_len when not one longer slot fits in memory: reported and left out."""
+  for p in items:
+    if len(p.ids) > main_prompt_len:
+      report.add("prompt_too_long_for_memory", f"id {p.id!r}",
+                 f"prompt of {len(p.ids)} tokens needs a slot of {memory_plan.slot_bytes_long / memory.GiB:.2f} GiB "
+                 "per device, and none fits: use more devices per model or a smaller max_new_tokens")
+  return [p for p in items if len(p.ids) <= main_prompt_len]
+
+
+def _load_models(config, decode_settings, post_path, pre_path, model_parallelism: int):
+  """(post, pre or None, mesh): the model(s) loaded onto the mesh."""
+  mesh = parallel.make_mesh(model_parallelism, pair_parallel=decode_settings.pair_parallel)
   if decode_settings.pair_parallel:  # both models stacked, one per half of the devices
-    post, pre = checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None
-  else:
-    post = checkpoints.load_model(post_path, config.dtype, mesh)
-    pre = checkpoints.load_model(pre_path, config.dtype, mesh) if decode_settings.mode == "codit" else None
-  return engine_lib.Engine(post, pre, decode_settings, batch_size=config.batch_size, max_prompt_len=max_prompt_len,
-                           seed=config.seed, mesh=mesh, min_bucket=config.min_bucket,
-                           chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
+    return checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None, mesh
+  post = checkpoints.load_model(post_path, config.dtype, mesh)
+  pre = checkpoints.load_model(pre_path, config.dtype, mesh) if decode_settings.mode == "codit" else None
+  return post, pre, mesh
 
 
 def _check_same_plan(todo: list[Prompt]) -> None:

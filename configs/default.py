@@ -38,7 +38,7 @@ def get_config() -> config_dict.ConfigDict:
   config.tfds_split = "train"
   config.tfds_data_dir = config_dict.placeholder(str)
   config.strict_input = False  # True: the first bad input record stops the run
-  config.max_prompt_len = 0  # 0: min(2048, the model's context - max_new_tokens)
+  config.max_prompt_len = 0  # 0: the model's context - max_new_tokens; prompts over 2048 tokens run in a second pass
   config.long_prompts = "skip"  # 'skip' | 'truncate' (cut the instruction's middle)
 
   # Compute.

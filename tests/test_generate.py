@@ -275,7 +275,7 @@ def test_truncate_policy_keeps_long_prompts(tmp_path):
     (dict(pre_trained="qwen3"), "disagree"),
     (dict(prompts="/nonexistent/seed.jsonl"), "input file '/nonexistent/seed.jsonl' does not exist"),
     (dict(output_dir=""), "leaves output_dir empty"),
-    (dict(pair_parallel=True), "1 devices cannot be split into two halves"),
+    (dict(pair_parallel=True), "pair_parallel needs an even device count; there are 1"),
     (dict(pair_parallel=True, mode="direct"), "set pair_parallel=False"),
 ])
 def test_user_errors_exit_nonzero_without_traceback(tmp_path, change, message):
