@@ -275,6 +275,19 @@ def test_filters_drop_repetitive_and_unfinished_rows(tmp_path):
   assert data.read_datasets(reference, drop_repetitive=True, drop_unfinished=True)[0].response == "b"
 
 
+def test_rows_stopped_as_repetitive_are_unfinished(tmp_path):
+  # finish_reason 'repetitive' (stop_repetitive): cut short, so unfinished, and no end token.
+  records = _records(4)
+  records[1].update(finish_reason="repetitive", repetitive=False)  # the flag decides only the other filter
+  for path in (_write_jsonl(tmp_path / "d.jsonl", records), _write_codit_dataset(tmp_path / "codit", records)):
+    everything = data.read_datasets(path, drop_repetitive=False, drop_unfinished=False)
+    assert [e.finished for e in everything] == [r["finish_reason"] == "stop" for r in records]
+    report = data.DataReport()
+    kept = data.read_datasets(path, drop_repetitive=False, drop_unfinished=True, report=report)
+    assert report.dropped == {"unfinished": 2} and [e.response for e in kept] == [records[2]["response"],
+                                                                               records[3]["response"]]
+
+
 _RES_METADATA = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 4096, "contrastive_decoding": True, "alpha": 0.01,
                  "beta": 1.0, "expert_model_id": "Qwen/Qwen3-8B", "amateur_model_id": "Qwen/Qwen3-8B-Base"}
 

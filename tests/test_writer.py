@@ -300,6 +300,24 @@ def test_jsonl_is_the_authors_record(tmp_path):
                                     "expert_model_id": "org/model-it", "amateur_model_id": ""}
 
 
+def test_a_repetitive_row_is_written_like_a_cut_one_and_unknown_reasons_are_refused(tmp_path):
+  w = new_writer(tmp_path / "out", write_jsonl=True, write_parquet=True)
+  w.claim()
+  looped = dict(example(3), finish_reason="repetitive", repetitive=True)  # stopped by stop_repetitive
+  w.add(looped, digest(3))
+  with pytest.raises(ValueError, match="finish_reason 'eos'"):
+    w.add(dict(example(4), finish_reason="eos"), digest(4))
+  w.finish({}, "")
+  (got,) = writer.read_examples(str(tmp_path / "out"))
+  assert (got["finish_reason"], got["repetitive"]) == ("repetitive", True)
+  np.testing.assert_allclose(got["codit_logprobs"], looped["codit_logprobs"], rtol=1e-6)
+  with open(tmp_path / "out" / writer.JSONL_FILE, encoding="utf-8") as f:
+    (record,) = [json.loads(line) for line in f]
+  # The authors' layout has no such reason: unfinished, and no end token's entry in score.
+  assert (record["is_completed"], record["score"]) == (False, pytest.approx(looped["codit_logprobs"]))
+  assert parquet_ids(tmp_path / "out") == ["ex003"]
+
+
 def test_parquet_reads_with_hugging_face_datasets(tmp_path):
   datasets = pytest.importorskip("datasets")
   folder = tmp_path / "out"

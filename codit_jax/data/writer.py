@@ -71,6 +71,9 @@ from codit_jax.errors import CoditError
 DATASET_NAME = "codit"
 SPLIT = "train"
 FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
+# 'stop': ended with an end token; 'length': cut at max_new_tokens; 'repetitive': stopped early by
+# stop_repetitive's rule (codit_jax.decoding.repetition_stop). Only 'stop' is is_completed.
+FINISH_REASONS = ("stop", "length", "repetitive")
 RUN_FILE = "run.json"
 PLAN_FILE = "shards.json"
 JSONL_FILE = "codit.jsonl"
@@ -95,7 +98,7 @@ def features() -> tfds.features.FeaturesDict:
       "id": tfds.features.Text(),
       "instruction": tfds.features.Text(),
       "response": tfds.features.Text(),
-      "finish_reason": tfds.features.Text(),  # 'stop' | 'length'
+      "finish_reason": tfds.features.Text(),  # 'stop' | 'length' | 'repetitive' (stop_repetitive)
       "response_tokens": tfds.features.Tensor(shape=(None,), dtype=np.int32),  # end token excluded
       "post_logprobs": tfds.features.Tensor(shape=(None,), dtype=np.float32),
       "pre_logprobs": tfds.features.Tensor(shape=(None,), dtype=np.float32),  # empty in direct mode
@@ -121,7 +124,9 @@ def reference_record(example: Mapping[str, Any], settings: Mapping[str, Any]) ->
   Their `score` is `[lp.logprob for lp in output.logprobs]`: vLLM (logprobs=0) reports the
   sampled token's log-probability for every output token, and a request that stops on an end
   token keeps that token in its output (only its text is dropped), so the list has one more
-  entry than the response's tokens when is_completed. Their baseline (direct) run passes
+  entry than the response's tokens when is_completed. A 'repetitive' row (stopped early by
+  stop_repetitive, which the authors do not have) is written as they write a cut one ('length'):
+  is_completed false, no end token entry. Their baseline (direct) run passes
   `--amateur-model-id ""` and CD_PLAUSIBLE_ALPHA = CD_CONTRASTIVE_BETA = 0.
   """
   codit = settings["mode"] == "codit"
@@ -311,7 +316,7 @@ class DatasetWriter:
     for key in per_token:
       if len(example[key]) != n:
         raise ValueError(f"example {example['id']!r}: {key} has {len(example[key])} entries for {n} tokens")
-    if example["finish_reason"] not in ("stop", "length"):
+    if example["finish_reason"] not in FINISH_REASONS:
       raise ValueError(f"example {example['id']!r}: finish_reason {example['finish_reason']!r}")
     values = {
         "id": example["id"], "instruction": example["instruction"], "response": example["response"],

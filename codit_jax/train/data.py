@@ -15,7 +15,8 @@ Inputs (one or several, in order, comma-separated):
 
 Fields: `instruction` and `response` (the reference layout's `output` is
 read as the response). Whether a response finished: `finish_reason` ('stop' |
-'length', as codit-generate writes it) or else `is_completed` (true | false,
+'length' | 'repetitive', as codit-generate writes it; only 'stop' is finished,
+'repetitive' being a row stop_repetitive cut short) or else `is_completed` (true | false,
 the authors' layout: their JSONL and their released CoDIT-Gemma3 /
 CoDIT-Qwen3-8B / CoDIT-Qwen3-30B datasets); a record with neither counts as
 finished. `repetitive` (true | false) is read if present, else computed from
@@ -69,7 +70,7 @@ from absl import logging
 from codit_jax.data import prompts, repetition
 from codit_jax.errors import CoditError
 
-FINISH_REASONS = ("stop", "length")
+FINISH_REASONS = ("stop", "length", "repetitive")  # only 'stop' is finished
 # A Jinja ChatML template for students that have none (base models): `chat_template='chatml'`.
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -295,7 +296,7 @@ def _finished(record: dict, where: str) -> bool:
   finish_reason = record.get("finish_reason")
   if finish_reason:
     if finish_reason not in FINISH_REASONS:
-      raise CoditError(f"{where}: field 'finish_reason' is {finish_reason!r}; it must be 'stop' or 'length'.")
+      raise CoditError(f"{where}: field 'finish_reason' is {finish_reason!r}; it must be 'stop', 'length' or 'repetitive'.")
     return finish_reason == "stop"
   is_completed = record.get("is_completed")
   if is_completed is None:
