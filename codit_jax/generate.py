@@ -37,6 +37,7 @@ from codit_jax import __version__, checkpoints, memory, parallel, runtime
 from codit_jax.data import instructions, prompts, repetition
 from codit_jax.data import writer as writer_lib
 from codit_jax.decoding import engine as engine_lib
+from codit_jax.decoding import repetition_stop
 from codit_jax.errors import CoditError
 from codit_jax.models.decoder import cache_length
 
@@ -259,7 +260,8 @@ def generate(config, force: bool = False) -> dict:
   decode_settings = engine_lib.DecodeSettings(
       vocab_size=vocab_size, end_ids=end_ids, mode=config.mode, alpha=config.alpha, beta=config.beta,
       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-      max_new_tokens=config.max_new_tokens, pair_parallel=bool(config.get("pair_parallel")))
+      max_new_tokens=config.max_new_tokens, pair_parallel=bool(config.get("pair_parallel")),
+      stop_repetitive=repetition_stop.RepetitionRule() if config.stop_repetitive else None)
   items, report = read_prompts(config, post_tokenizer, max_prompt_len, enable_thinking)
   main_prompt_len = min(MAIN_PROMPT_LEN, max_prompt_len)
   has_long = any(len(p.ids) > main_prompt_len for p in items)

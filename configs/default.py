@@ -28,6 +28,10 @@ def get_config() -> config_dict.ConfigDict:
   config.top_p = 1.0
   config.top_k = 0  # 0 means off
   config.max_new_tokens = 4096
+  # True: a row whose last tokens loop (a cycle of <= 32 tokens whose last max(p, 100) tokens occur
+  # 10 times in a row) stops early with finish_reason 'repetitive'. Off: rows run to the limit, as
+  # the reference does (the `repetitive` flag still marks them).
+  config.stop_repetitive = False
   config.seed = 0
 
   # Prompts.

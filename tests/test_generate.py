@@ -19,7 +19,7 @@ import transformers
 import tiny_checkpoints
 from codit_jax import generate as generate_app
 from codit_jax.config_files import sibling_config
-from codit_jax.data import prompts, writer
+from codit_jax.data import prompts, repetition, writer
 from codit_jax.decoding import torch_reference
 from codit_jax.errors import CoditError
 
@@ -323,6 +323,52 @@ def test_long_prompts_are_answered_in_a_second_pass(tmp_path, monkeypatch):
   for key in a:
     assert a[key]["response_tokens"] == b[key]["response_tokens"]
     np.testing.assert_allclose(a[key]["post_logprobs"], b[key]["post_logprobs"], atol=1e-5)
+
+
+def _looping_pair(root: Path) -> tuple[str, str]:
+  """The demo pair with the post-trained model rewired into a loop: its layers add nothing, and its
+  lm_head maps the current token to the next of the cycle 'x' 'y' 'z' (any other token to 'x'), so
+  sharply that the plausibility set holds that token alone and CoDIT must follow it."""
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from codit_jax import demo  # pylint: disable=g-import-not-at-top
+  post, pre = demo.build_pair(root)
+  tokenizer = transformers.AutoTokenizer.from_pretrained(post)
+  cycle = [tokenizer.convert_tokens_to_ids(c) for c in "xyz"]
+  weights = safetensors.numpy.load_file(f"{post}/model.safetensors")
+  for name in weights:
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+      weights[name][:] = 0
+  embed = weights["model.embed_tokens.weight"]
+  unit = embed / np.linalg.norm(embed, axis=1, keepdims=True)
+  head = np.zeros_like(weights["lm_head.weight"])
+  head[cycle[0]] = unit.sum(axis=0) - unit[cycle[0]] - unit[cycle[1]]  # every other token: into the loop
+  for i, token in enumerate(cycle):
+    head[cycle[(i + 1) % 3]] = unit[token] * 8.0
+  weights["lm_head.weight"] = head * 20.0
+  safetensors.numpy.save_file(weights, f"{post}/model.safetensors")
+  return post, pre
+
+
+def test_stop_repetitive_stops_a_looping_row_and_changes_nothing_else(tmp_path):
+  """Issue 17.4: with stop_repetitive a row caught in a loop stops with 'repetitive' well before
+  max_new_tokens, and the reference text rule flags it; without it the row runs to the limit, with the
+  stopped row's tokens as its beginning."""
+  post, pre = _looping_pair(tmp_path / "pair")
+  prompts_file = _write_prompts(tmp_path / "seed.jsonl", 3)
+  datasets = {}
+  for stop in (False, True):
+    settings = _overrides(tmp_path, prompts=str(prompts_file), post_trained=post, pre_trained=pre, max_new_tokens=300,
+                          stop_repetitive=stop, output_dir=str(tmp_path / f"out-{stop}"), write_jsonl=True)
+    datasets[stop] = _records(settings["output_dir"]) if generate_app.generate(_config(**settings)) else None
+  for key, stopped in datasets[True].items():
+    full = datasets[False][key]
+    assert full["finish_reason"] == "length" and len(full["response_tokens"]) == 300
+    assert set(full["response"][-30:]) == set("xyz") and full["repetitive"]
+    assert stopped["finish_reason"] == "repetitive" and len(stopped["response_tokens"]) < 150
+    assert full["response_tokens"][:len(stopped["response_tokens"])] == stopped["response_tokens"]
+    assert repetition.is_repetitive(stopped["response"]) and stopped["repetitive"]
+  lines = [json.loads(l) for l in (tmp_path / "out-True" / "codit.jsonl").read_text().splitlines()]
+  assert not any(line["is_completed"] for line in lines)
 
 
 def _edit_prompts(path: Path, edit) -> None:

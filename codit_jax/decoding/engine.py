@@ -56,7 +56,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from codit_jax import parallel
 from codit_jax.data import prompts
-from codit_jax.decoding import sampling
+from codit_jax.decoding import repetition_stop, sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import Decoder, KVCache, decode_step, prefill
@@ -79,6 +79,9 @@ class DecodeSettings:
   top_k: int = 0
   max_new_tokens: int = 4096
   pair_parallel: bool = False  # the models are one stacked Decoder split over the mesh's 'pair' axis
+  # Stop a row whose last tokens loop (finish reason 'repetitive'); None: rows run to an end token
+  # or max_new_tokens, as the reference does.
+  stop_repetitive: repetition_stop.RepetitionRule | None = None
 
   def __post_init__(self):
     check_sampling(self.mode, self.alpha, self.beta, self.temperature, self.top_p, self.top_k, self.max_new_tokens)
@@ -299,7 +302,10 @@ def _decode_chunk(post, pre, state: DecodeState, seed, min_free, *, settings: De
     write = lambda buf, value: buf.at[jnp.arange(slots), column].set(value.astype(buf.dtype), mode="drop")  # noqa: E731
     out = Outputs(*(write(buf, value) for buf, value in zip(st.out, (token, *logprobs))))
     emitted = rows.emitted + live.astype(jnp.int32)
-    done = rows.done | (live & (jnp.isin(token, end_ids) | (emitted >= n)))
+    ended = jnp.isin(token, end_ids) | (emitted >= n)
+    if settings.stop_repetitive is not None:
+      ended |= repetition_stop.repeats_cycle(out.tokens, emitted, settings.stop_repetitive)
+    done = rows.done | (live & ended)
     rows = Rows(token=jnp.where(live, token, rows.token), emitted=emitted, done=done, hash=rows.hash)
     return step + 1, live_steps + jnp.sum(live.astype(jnp.int32)), DecodeState(caches, rows, out)
 
@@ -320,7 +326,7 @@ class Completion:
 
   id: str
   tokens: list[int]
-  finish_reason: str  # 'stop' | 'length'
+  finish_reason: str  # 'stop' | 'length' | 'repetitive'
   post_logprobs: list[float]
   pre_logprobs: list[float]  # empty in direct mode
   codit_logprobs: list[float]  # under the contrastive distribution (the post-trained one in direct mode)
@@ -504,12 +510,14 @@ class Engine:
       yield self._completion(occupant[s][0], int(emitted[s]), {name: rows[s] for name, rows in outputs.items()})
 
   def _completion(self, example_id: str, emitted: int, row: dict) -> Completion:
+    # The three ways a row ends: an end token, the token budget, a loop (stop_repetitive).
     stopped = int(row["tokens"][emitted - 1]) in self.settings.end_ids
+    reason = "stop" if stopped else "length" if emitted >= self.settings.max_new_tokens else "repetitive"
     n = emitted - 1 if stopped else emitted  # drop the end token
     return Completion(
         id=example_id,
         tokens=row["tokens"][:n].tolist(),
-        finish_reason="stop" if stopped else "length",
+        finish_reason=reason,
         post_logprobs=row["post_logprobs"][:n].tolist(),
         pre_logprobs=row["pre_logprobs"][:n].tolist() if self.settings.mode == "codit" else [],
         codit_logprobs=row["codit_logprobs"][:n].tolist(),
