@@ -414,8 +414,11 @@ def _summarize(output_dir: str, report, new_rows: int) -> dict:
   logging.info("Dataset %s: %d rows (%s), repetitive %.1f%%.", output_dir, rows,
                ", ".join(f"{k}: {v}" for k, v in sorted(reasons.items())), 100 * summary["repetitive_fraction"])
   logging.info("Input: %s", report.summary())
-  what = f"wrote {new_rows} new rows ({rows} in all)" if new_rows else f"already complete: {rows} rows"
-  print(f"codit-generate: {what} in {output_dir} "
+  if not new_rows:
+    what = f"already complete: {rows} rows in {output_dir}"
+  else:
+    what = f"wrote {new_rows} rows to {output_dir}" + (f", {rows} in all" if rows != new_rows else "")
+  print(f"codit-generate: {what} "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}; repetitive "
         f"{100 * summary['repetitive_fraction']:.1f}%). {report.summary()}")
   return summary

@@ -376,18 +376,21 @@ def _edit_prompts(path: Path, edit) -> None:
   path.write_text("".join(json.dumps(edit(r)) + "\n" for r in lines))
 
 
-def test_rerun_with_changed_prompts_refused_appended_prompts_answered(tmp_path):
+def test_rerun_with_changed_prompts_refused_appended_prompts_answered(tmp_path, capsys):
   """Issue 15.1: a rerun whose prompts changed under the same ids is refused, naming the first id; prompts
   appended to the file are answered alone; --force starts over."""
   prompts_file = _write_prompts(tmp_path / "seed.jsonl", 3)
   settings = _overrides(tmp_path, prompts=str(prompts_file))
   first = _records(settings["output_dir"]) if generate_app.generate(_config(**settings)) else None
+  capsys.readouterr()
   again = generate_app.generate(_config(**settings))
   assert again["new_rows"] == 0 and again["rows"] == 3
+  assert f"codit-generate: already complete: 3 rows in {settings['output_dir']}" in capsys.readouterr().out
   with prompts_file.open("a") as f:
     f.write(json.dumps({"id": "new", "instruction": "write a story about the moon"}) + "\n")
   appended = generate_app.generate(_config(**settings))
   assert appended["new_rows"] == 1 and appended["rows"] == 4
+  assert f"wrote 1 rows to {settings['output_dir']}, 4 in all" in capsys.readouterr().out
   records = _records(settings["output_dir"])
   assert {k: records[k] for k in first} == first  # the old rows untouched
 
