@@ -417,7 +417,7 @@ def _summarize(output_dir: str, report, new_rows: int) -> dict:
   if not new_rows:
     what = f"already complete: {rows} rows in {output_dir}"
   else:
-    what = f"wrote {new_rows} rows to {output_dir}" + (f", {rows} in all" if rows != new_rows else "")
+    what = f"wrote {new_rows} row{'' if new_rows == 1 else 's'} to {output_dir}" + (f", {rows} in all" if rows != new_rows else "")
   print(f"codit-generate: {what} "
         f"({', '.join(f'{k}: {v}' for k, v in sorted(reasons.items()))}; repetitive "
         f"{100 * summary['repetitive_fraction']:.1f}%). {report.summary()}")

@@ -390,7 +390,7 @@ def test_rerun_with_changed_prompts_refused_appended_prompts_answered(tmp_path, 
     f.write(json.dumps({"id": "new", "instruction": "write a story about the moon"}) + "\n")
   appended = generate_app.generate(_config(**settings))
   assert appended["new_rows"] == 1 and appended["rows"] == 4
-  assert f"wrote 1 rows to {settings['output_dir']}, 4 in all" in capsys.readouterr().out
+  assert f"wrote 1 row to {settings['output_dir']}, 4 in all" in capsys.readouterr().out
   records = _records(settings["output_dir"])
   assert {k: records[k] for k in first} == first  # the old rows untouched
 
