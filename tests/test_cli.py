@@ -76,7 +76,7 @@ def test_quick_start_console_shows_only_our_lines(demo_run):
   console = result.stdout + result.stderr
   _assert_clean(console)
   assert f"codit-generate: wrote 48 rows to {out}" in result.stdout
-  assert "48 prompts in 3 batches" in result.stderr  # our own progress lines stay
+  assert "48 prompts; 0 already written, 48 to do." in result.stderr  # our own progress lines stay
 
 
 def test_verbosity_brings_the_full_logs_back(demo_run):
@@ -163,7 +163,7 @@ def _interrupt_after(process: subprocess.Popen, marker: str) -> subprocess.Compl
 def test_ctrl_c_during_generate_says_a_rerun_resumes(tmp_path):
   process = _start(["-m", "codit_jax.generate", "--config=configs/demo.py", f"--config.output_dir={tmp_path}",
                     "--config.max_new_tokens=900", "--config.log_every_seconds=0.1"])
-  result = _interrupt_after(process, "prompts in 3 batches")
+  result = _interrupt_after(process, "already written")
   assert result.returncode == 130, result.stderr
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("codit-generate: error: interrupted; rerun the same command to resume"), last
