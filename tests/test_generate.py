@@ -97,17 +97,20 @@ def test_greedy_dataset_equals_torch_reference_and_reads_back(tmp_path):
   tokenizer = transformers.AutoTokenizer.from_pretrained(post)
   end_ids = prompts.end_token_ids(tokenizer, post)
   torch_post, torch_pre = (tiny_checkpoints.load_torch_model(p, "llama") for p in (post, pre))
+  scores = {}
   for line in prompts_file.read_text().splitlines():
     record = json.loads(line)
     ids = prompts.build_prompt_ids(tokenizer, record["instruction"])
-    tokens, lp_post, lp_pre, reason = torch_reference.generate(
-        torch_post, torch_pre, [ids], end_ids=end_ids, vocab_size=len(tokenizer), max_new_tokens=12)[0]
+    tokens, lp_post, lp_pre, reason, scores[record["id"]] = torch_reference.generate(
+        torch_post, torch_pre, [ids], end_ids=end_ids, vocab_size=len(tokenizer), max_new_tokens=12,
+        with_scores=True)[0]
     got = records[record["id"]]
     assert got["instruction"] == record["instruction"]
     assert got["response_tokens"] == tokens and got["finish_reason"] == reason
     assert got["response"] == tokenizer.decode(tokens, skip_special_tokens=True)
     np.testing.assert_allclose(got["post_logprobs"], lp_post, atol=1e-4)
     np.testing.assert_allclose(got["pre_logprobs"], lp_pre, atol=1e-4)
+    np.testing.assert_allclose(got["codit_logprobs"], scores[record["id"]][:len(tokens)], atol=1e-4)
 
   # tf.data reads the shards directly; the JSONL export holds the reference layout.
   files = tf.io.gfile.glob(f"{settings['output_dir']}/codit-train.tfrecord-*")
@@ -120,6 +123,7 @@ def test_greedy_dataset_equals_torch_reference_and_reads_back(tmp_path):
     assert line["is_completed"] == (got["finish_reason"] == "stop") and line["response"] == got["response"]
     assert len(line["score"]) == len(got["response_tokens"]) + line["is_completed"]
     np.testing.assert_allclose(line["score"][:len(got["codit_logprobs"])], got["codit_logprobs"], atol=1e-6)
+    np.testing.assert_allclose(line["score"], scores[line["id"]], atol=1e-4)  # PyTorch's, end token included
     assert line["res_metadata"]["expert_model_id"] == post and line["res_metadata"]["contrastive_decoding"]
 
 

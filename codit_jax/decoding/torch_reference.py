@@ -13,10 +13,12 @@ import torch
 
 @torch.no_grad()
 def generate(post, pre, prompts: list[list[int]], *, end_ids, vocab_size: int, max_new_tokens: int,
-             alpha: float = 0.01, beta: float = 1.0, mode: str = "codit"):
+             alpha: float = 0.01, beta: float = 1.0, mode: str = "codit", with_scores: bool = False):
   """Greedy CoDIT (or direct) decoding of a batch; returns per prompt (tokens, post_logprobs, pre_logprobs, reason).
 
-  Tokens exclude the end token, like the engine's completions.
+  Tokens exclude the end token, like the engine's completions. with_scores: a fifth entry, each
+  emitted token's log-prob under the contrastive distribution, log_softmax(score), the end token's
+  included (what the authors' JSONL calls `score`).
   """
   models = [post, pre] if mode == "codit" else [post]
   b, width = len(prompts), max(len(p) for p in prompts)
@@ -31,6 +33,7 @@ def generate(post, pre, prompts: list[list[int]], *, end_ids, vocab_size: int, m
   logits = [o.logits[:, -1] for o in outputs]
   done = torch.zeros(b, dtype=torch.bool)
   results = [([], [], [], "length") for _ in range(b)]
+  scores = [[] for _ in range(b)]
   for _ in range(max_new_tokens):
     lp = [torch.log_softmax(l[:, :vocab_size].float(), dim=-1) for l in logits]
     if mode == "codit":
@@ -40,10 +43,12 @@ def generate(post, pre, prompts: list[list[int]], *, end_ids, vocab_size: int, m
     else:
       score = lp[0]
     token = score.argmax(dim=-1)
+    contrastive = torch.log_softmax(score, dim=-1)
     for row in range(b):
       if done[row]:
         continue
       t = int(token[row])
+      scores[row].append(float(contrastive[row, t]))
       if t in end_ids:
         results[row] = results[row][:3] + ("stop",)
         done[row] = True
@@ -60,4 +65,4 @@ def generate(post, pre, prompts: list[list[int]], *, end_ids, vocab_size: int, m
                  use_cache=True) for m, c in zip(models, caches)]
     caches = [o.past_key_values for o in outputs]
     logits = [o.logits[:, -1] for o in outputs]
-  return results
+  return [r + (s,) for r, s in zip(results, scores)] if with_scores else results
