@@ -61,7 +61,7 @@ def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=T
 def _attend_step(q, keys, values, key_valid, index, window, scale):
   first, last = decoder.step_block_range(index, window)
   return decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
-                             decoder.StepMask(key_valid, index, window, first, last), scale, None)
+                             decoder.StepMask(key_valid, index, window, None, first, last), scale, None)
 
 
 def _f32(x):
@@ -101,7 +101,7 @@ def test_visible_range_is_the_step_mask():
   for w in (None, window):
     key_valid, index = _rows(slots, w)
     start, end = ak.visible_range(key_valid, index, w)
-    mask = decoder.StepMask(key_valid, index, w, 0, 0).visible(0, slots)
+    mask = decoder.StepMask(key_valid, index, w, None, 0, 0).visible(0, slots)
     s = np.arange(slots)
     np.testing.assert_array_equal(np.asarray(mask), (s >= np.asarray(start)[:, None]) & (s < np.asarray(end)[:, None]))
 
