@@ -200,6 +200,11 @@ def test_kernel_layout_cached_decode_equals_full_forward(family, kernel_layout):
   assert (family == "gemma3") == any(decoder.layer_cache_length(cfg, i, max_len) < max_len
                                      for i in range(cfg.num_layers))
   np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=TOL, rtol=0)
+  # The step runs the kernel: interpreted, or behind platform_dependent (the reference on CPU).
+  step_jaxpr = str(jax.jit(decode_step).trace(model, jnp.asarray(tokens[:, split]), cache).jaxpr)
+  assert "pallas_call" in step_jaxpr
+  assert ("interpret=True" in step_jaxpr) == (kernel_layout == "interpreted_kernel")
+  assert ("platform_index" in step_jaxpr) == (kernel_layout == "reference")
   step = jax.jit(decode_step, donate_argnums=2)
   for t in range(split, PROMPT_LEN):
     logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
