@@ -52,7 +52,7 @@ def main():
   dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
 
   def cache_at(fill: int) -> KVCache:
-    shape_k = (args.batch, cfg.num_kv_heads, cfg.head_dim, length)
+    shape_k = (args.batch, *decoder.key_cache_shape(cfg.num_kv_heads, cfg.head_dim, length))
     shape_v = (args.batch, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(keys=tuple(jnp.zeros(shape_k, dtype) for _ in range(cfg.num_layers)),
                    values=tuple(jnp.zeros(shape_v, dtype) for _ in range(cfg.num_layers)),

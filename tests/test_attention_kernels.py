@@ -61,7 +61,7 @@ def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=T
 def _attend_step(q, keys, values, key_valid, index, window, scale):
   first, last = decoder.step_block_range(index, window)
   return decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
-                             decoder.StepMask(key_valid, index, window, first, last), scale, None)
+                             decoder.StepMask(key_valid, index, window, None, first, last), scale, None)
 
 
 def _f32(x):
@@ -101,7 +101,7 @@ def test_visible_range_is_the_step_mask():
   for w in (None, window):
     key_valid, index = _rows(slots, w)
     start, end = ak.visible_range(key_valid, index, w)
-    mask = decoder.StepMask(key_valid, index, w, 0, 0).visible(0, slots)
+    mask = decoder.StepMask(key_valid, index, w, None, 0, 0).visible(0, slots)
     s = np.arange(slots)
     np.testing.assert_array_equal(np.asarray(mask), (s >= np.asarray(start)[:, None]) & (s < np.asarray(end)[:, None]))
 
@@ -177,3 +177,52 @@ def test_cuda_lowering_uses_the_triton_kernel():
   run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5))
   text = run.trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
   assert "xla.gpu.triton" in text
+
+
+# ---- The engine in the KERNEL layout (forced on CPU), against the TRANSPOSED layout and PyTorch.
+
+import test_decoding  # noqa: E402  (its pair models, prompts and the bitwise independence harness)
+from codit_jax.decoding import torch_reference  # noqa: E402
+from codit_jax.decoding import engine as engine_lib  # noqa: E402
+from codit_jax.decoding.engine import Engine  # noqa: E402
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_kernel_layout_engine_greedy_equals_transposed_and_torch(family):
+  """CoDIT greedy decoding with 3 slots for 6 prompts (rows join mid-way), the full-attention layers
+  through the interpreted Pallas GPU kernel: the same tokens as the CPU layout and the PyTorch reference."""
+  post, pre, _ = test_decoding._jax_pair(family)
+  torch_post, torch_pre = test_decoding._torch_pair(family)
+  prompts = test_decoding._prompts(6)
+  new = 8
+  settings = test_decoding._settings(max_new_tokens=new)
+  make = lambda: Engine(post, pre, settings, batch_size=3, max_prompt_len=64, min_bucket=16)  # noqa: E731
+  transposed = test_decoding._generate(make(), prompts)
+  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+    engine = make()
+    kernel = test_decoding._generate(engine, prompts)
+    empty = engine_lib._empty_cache(post, 3, engine.cache_len, stacked=False)
+    for i, (keys, values) in enumerate(zip(empty.keys, empty.values)):
+      entries = decoder.layer_cache_length(post.cfg, i, engine.cache_len)  # gemma3: rings of 16 on sliding layers
+      assert keys.shape == values.shape == (3, post.cfg.num_kv_heads, entries, post.cfg.head_dim)
+  for (_, ids), got, cpu in zip(prompts, kernel, transposed):
+    tokens, lp_post, lp_pre, reason = torch_reference.generate(
+        torch_post, torch_pre, [ids], end_ids=settings.end_ids, vocab_size=test_decoding.V, max_new_tokens=new,
+        mode="codit")[0]
+    assert got.tokens == cpu.tokens == tokens and got.finish_reason == reason
+    np.testing.assert_allclose(got.post_logprobs, lp_post, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.pre_logprobs, lp_pre, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got.codit_logprobs, cpu.codit_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_kernel_layout_row_is_independent_of_neighbours(temperature):
+  """test_decoding's bitwise independence in the KERNEL layout with the interpreted kernel: a row's
+  tokens and log-probs do not depend on its slot neighbours or admission time. The kernel reads each
+  row's own [start, stop), in splits fixed by the cache length, so neighbours change no bit."""
+  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+    alone, joined, engine, reasons = test_decoding._alone_and_joined(dict(batch_size=16), temperature=temperature)
+  assert engine.cache_len == 2 * decoder.DECODE_BLOCK and reasons == {"stop", "length"}
+  assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
+  for field in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
+    np.testing.assert_array_equal(getattr(joined, field), getattr(alone, field), err_msg=field)

@@ -170,3 +170,76 @@ def test_sharded_equals_unsharded(family):
   batch = parallel.batch_sharding(mesh, tokens.shape)
   logits, _ = jax.jit(forward)(model, jax.device_put(tokens, batch), jax.device_put(mask, batch))
   np.testing.assert_allclose(np.asarray(logits), _jax_logits(family), atol=5e-5, rtol=0)  # float32 sums in another order across shards
+
+
+# ---- The KERNEL cache layout (GPU, TPU: keys (b, kv_heads, L, head_dim)), forced on CPU.
+
+@pytest.fixture(params=["reference", "interpreted_kernel"])
+def kernel_layout(request):
+  """Programs traced in the test use the KERNEL layout; its full-attention layers run the pure-jnp
+  reference (what TPU runs) or the Pallas GPU kernel in interpret mode (what GPU runs)."""
+  from codit_jax.models import attention_kernels  # pylint: disable=g-import-not-at-top
+  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=request.param == "interpreted_kernel"):
+    yield request.param
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+def test_kernel_layout_cached_decode_equals_full_forward(family, kernel_layout):
+  """As test_cached_decode_equals_full_forward, with the KERNEL layout: keys (b, kv, L, d); gemma3's
+  sliding layers (rings of 16 entries) read by the masked path, its full layers by the kernel."""
+  model = _model(family)
+  cfg = model.cfg
+  tokens, mask = _prompts(family)
+  full = _jax_logits(family)
+  split, max_len = 12, PROMPT_LEN + 8
+  logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
+                                                     jnp.asarray(mask[:, :split]), max_len)
+  for i, (keys, values) in enumerate(zip(cache.keys, cache.values)):
+    entries = decoder.layer_cache_length(cfg, i, max_len)
+    assert keys.shape == values.shape == (2, tiny_checkpoints.NUM_KV_HEADS, entries, tiny_checkpoints.HEAD_DIM)
+  assert (family == "gemma3") == any(decoder.layer_cache_length(cfg, i, max_len) < max_len
+                                     for i in range(cfg.num_layers))
+  np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=TOL, rtol=0)
+  # The step runs the kernel: interpreted, or behind platform_dependent (the reference on CPU).
+  step_jaxpr = str(jax.jit(decode_step).trace(model, jnp.asarray(tokens[:, split]), cache).jaxpr)
+  assert "pallas_call" in step_jaxpr
+  assert ("interpret=True" in step_jaxpr) == (kernel_layout == "interpreted_kernel")
+  assert ("platform_index" in step_jaxpr) == (kernel_layout == "reference")
+  step = jax.jit(decode_step, donate_argnums=2)
+  for t in range(split, PROMPT_LEN):
+    logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
+    np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
+  np.testing.assert_array_equal(np.asarray(cache.index), [PROMPT_LEN, PROMPT_LEN])
+
+
+def test_kernel_layout_decode_past_one_cache_block(kernel_layout):
+  """gemma3 with a cache of 4 DECODE_BLOCKs in the KERNEL layout: the full layers' kernel splits the
+  cache (2 splits of 512 slots), the reference reads it by blocks; a few steps across the first
+  block boundary give the full forward's logits."""
+  block = decoder.DECODE_BLOCK
+  length, split = block + 4, block - 4
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, tiny_checkpoints.TOKENIZER_SIZE, size=(2, length)).astype(np.int32)
+  mask = np.ones((2, length), np.int32)
+  mask[1, :PAD] = 0
+  model = _model("gemma3")
+  full, _ = jax.jit(forward)(model, jnp.asarray(tokens), jnp.asarray(mask))
+  _, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
+                                                jnp.asarray(mask[:, :split]), 4 * block)
+  step = jax.jit(decode_step)
+  for t in range(split, length):
+    logits, cache = step(model, jnp.asarray(tokens[:, t]), cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(full)[:, t], atol=TOL, rtol=0, err_msg=f"slot {t}")
+
+
+def test_cache_layout_is_restored_and_picked_by_backend():
+  from codit_jax.models import attention_kernels  # pylint: disable=g-import-not-at-top
+  assert decoder.cache_layout() == attention_kernels.TRANSPOSED  # CPU
+  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=True):
+    assert decoder.cache_layout() == attention_kernels.KERNEL and decoder.INTERPRET_KERNEL
+    assert decoder.key_cache_shape(2, 16, 80) == (2, 80, 16)
+  assert decoder.cache_layout() == attention_kernels.TRANSPOSED and not decoder.INTERPRET_KERNEL
+  assert decoder.key_cache_shape(2, 16, 80) == (2, 16, 80)
+  with pytest.raises(ValueError):
+    with decoder.use_cache_layout("sideways"):
+      pass

@@ -60,7 +60,7 @@ from codit_jax.decoding import repetition_stop, sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import Decoder, KVCache, decode_step, prefill
-from codit_jax.models.decoder import cache_length, layer_cache_length
+from codit_jax.models.decoder import cache_length, key_cache_shape, layer_cache_length
 
 MODES = ("codit", "direct")
 
@@ -201,6 +201,7 @@ def _state_specs(state: DecodeState, mesh: Mesh, pair_parallel: bool):
   axis (with pair_parallel) over 'pair'."""
   lead = (parallel.PAIR,) if pair_parallel else ()
 
+  # Keys and values have their kv heads on axis 1 (after the pair axis) in both cache layouts.
   def cache_spec(leaf, kv_heads_axis: bool):
     dims = leaf.shape[len(lead):]
     spec = (parallel.DATA, parallel.MODEL) if kv_heads_axis else (parallel.DATA,)
@@ -241,7 +242,7 @@ def _empty_cache(model: Decoder, slots: int, length: int, stacked: bool) -> KVCa
   zeros = lambda *shape, dtype=dtype: jnp.zeros(lead + shape, dtype)  # noqa: E731
   entries = [layer_cache_length(cfg, i, length) for i in range(cfg.num_layers)]
   return KVCache(
-      keys=tuple(zeros(slots, cfg.num_kv_heads, cfg.head_dim, n) for n in entries),
+      keys=tuple(zeros(slots, *key_cache_shape(cfg.num_kv_heads, cfg.head_dim, n)) for n in entries),
       values=tuple(zeros(slots, cfg.num_kv_heads, n, cfg.head_dim) for n in entries),
       key_valid=zeros(slots, length, dtype=jnp.bool_), next_position=zeros(slots, dtype=jnp.int32),
       index=zeros(slots, dtype=jnp.int32))

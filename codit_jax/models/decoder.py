@@ -17,6 +17,7 @@ Mixture-of-experts layers (qwen3_moe: `cfg.moe_layers`) swap the MLP for a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -26,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from codit_jax import parallel
-from codit_jax.models import moe
+from codit_jax.models import attention_kernels, moe
 from codit_jax.models.config import ModelConfig
 
 # Large negative instead of -inf: a fully masked row (a left-pad query) then
@@ -39,6 +40,49 @@ _MASKED = float(np.finfo(np.float32).min)
 # all of them (and a sliding-window layer about its window). Caches longer than
 # one block are sized in whole blocks (`cache_length`).
 DECODE_BLOCK = 256
+
+
+# The decode cache layout, read when a program is traced (`cache_layout`): None picks it by
+# backend (attention_kernels.cache_layout: TRANSPOSED on CPU, KERNEL on GPU and TPU). Set
+# through `use_cache_layout`.
+CACHE_LAYOUT: str | None = None
+# Tests: KERNEL-layout decode steps run the Pallas GPU kernel in Pallas interpret mode on any
+# platform (on CPU, jax.lax.platform_dependent would pick the reference). Set through `use_cache_layout`.
+INTERPRET_KERNEL = False
+
+
+def cache_layout() -> str:
+  """The layout of the KV caches that programs traced now build and read (see attention_kernels):
+  keys (b, kv_heads, head_dim, L) in TRANSPOSED (CPU), (b, kv_heads, L, head_dim) in KERNEL
+  (GPU, TPU); values (b, kv_heads, L, head_dim) in both."""
+  return CACHE_LAYOUT or attention_kernels.cache_layout()
+
+
+@contextlib.contextmanager
+def use_cache_layout(layout: str, *, interpret: bool = False):
+  """Traces inside use cache `layout` (and, with interpret, the interpreted GPU kernel: tests).
+
+  The layout is read at trace time, and jax reuses a trace of the same function on the same
+  shapes (prefill's inputs do not show the layout), so jax's caches are cleared on entry and exit.
+  """
+  if layout not in (attention_kernels.TRANSPOSED, attention_kernels.KERNEL):
+    raise ValueError(f"unknown cache layout {layout!r}")
+  global CACHE_LAYOUT, INTERPRET_KERNEL
+  saved = CACHE_LAYOUT, INTERPRET_KERNEL
+  jax.clear_caches()
+  CACHE_LAYOUT, INTERPRET_KERNEL = layout, interpret
+  try:
+    yield
+  finally:
+    CACHE_LAYOUT, INTERPRET_KERNEL = saved
+    jax.clear_caches()
+
+
+def key_cache_shape(kv_heads: int, head_dim: int, entries: int, layout: str | None = None) -> tuple:
+  """A layer's key cache shape after the batch axis, in `layout` (default `cache_layout()`)."""
+  if (layout or cache_layout()) == attention_kernels.TRANSPOSED:
+    return (kv_heads, head_dim, entries)
+  return (kv_heads, entries, head_dim)
 
 
 def cache_length(slots_needed: int) -> int:
@@ -114,15 +158,21 @@ class Attention(nnx.Module):
     """x: (b, s, hidden). Returns (output, (keys, values)).
 
     Without a cache, mask is (b, s, keys) bool and the keys/values are this
-    sequence's. With a cache (a decode step, s == 1: keys (b, kv_heads, head_dim,
-    max_len), values (b, kv_heads, max_len, head_dim)) each row's new entries are
-    written at its own slot cache_index[row], and mask is a `StepMask`: attention
-    reads the cache, by blocks where it is long (`attend_step`). Both are
-    heads-major so that attention reads the cache in its stored layout (with
-    (b, max_len, heads, d), XLA transposes the whole cache at every decode step),
-    and keys are stored transposed so that the scores of a decode step reduce
-    over a leading axis and write the long key axis contiguously: on XLA:CPU
-    that step is ~5x faster than reducing over head_dim, the innermost axis.
+    sequence's. With a cache (a decode step, s == 1: keys and values of
+    max_len entries, in the `cache_layout()`), each row's new entries are
+    written at its own slot cache_index[row], and mask is a `StepMask`:
+    attention reads the cache, by blocks where it is long (`attend_step`), or,
+    in the KERNEL layout, through `attention_kernels` (the Pallas GPU kernel on
+    each row's own slot range).
+
+    Both layouts are heads-major so that attention reads the cache as stored
+    (with (b, max_len, heads, d), XLA transposes the whole cache at every
+    decode step). In the TRANSPOSED layout (CPU) keys are (b, kv_heads,
+    head_dim, max_len), so that the scores of a decode step reduce over a
+    leading axis and write the long key axis contiguously: on XLA:CPU that
+    step is ~5x faster than reducing over head_dim, the innermost axis. The
+    KERNEL layout (GPU, TPU) keeps keys (b, kv_heads, max_len, head_dim), the
+    layout the kernel reads.
     """
     cfg = self.cfg
     b, s, _ = x.shape
@@ -137,15 +187,22 @@ class Attention(nnx.Module):
     inv_freq, rope_scale = cfg.rope_for(self.layer_type)
     cos, sin = rotary_cos_sin(positions, inv_freq, rope_scale, x.dtype)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # (b, kv_heads, d, s), (b, kv_heads, s, d)
+    layout = cache_layout()
+    k = attention_kernels.keys_to_layout(k.transpose(0, 2, 1, 3), layout)  # (b, kv_heads, s, d) in the kernel layout
+    v = v.transpose(0, 2, 1, 3)  # (b, kv_heads, s, d)
     scale, softcap = cfg.query_scale, cfg.attn_logit_softcap
     if cache is None:
-      out = attend(q, k, v, mask, scale, softcap)
+      out = attend(q, k, v, mask, scale, softcap, layout)
     else:  # one decode step: each row writes its key/value at its own slot, then reads its cache
-      slot = cache_index % cache[0].shape[-1]  # a ring buffer (a sliding layer's) wraps around
-      k = write_slot(cache[0], k.astype(cache[0].dtype), slot, axis=3)
+      slot = cache_index % cache[1].shape[2]  # a ring buffer (a sliding layer's) wraps around
+      k = write_slot(cache[0], k.astype(cache[0].dtype), slot, axis=attention_kernels.key_slot_axis(layout))
       v = write_slot(cache[1], v.astype(cache[1].dtype), slot, axis=2)
-      out = attend_step(q, k, v, mask, scale, softcap)
+      if layout == attention_kernels.KERNEL and mask.ring is None:
+        # Each row's visible slots are one range [start, stop): the kernel's per-row lengths.
+        out = attention_kernels.kernel_layout_decode_attention(
+            q, k, v, mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL)
+      else:  # TRANSPOSED, or a ring buffer (its visible entries are no slot range once it has wrapped)
+        out = attend_step(q, k, v, mask, scale, softcap, layout)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 
@@ -159,12 +216,16 @@ def write_slot(cache, new, index, axis: int):
   return jax.vmap(one_row)(cache, new, index)
 
 
-def attend(q, k, v, mask, scale, softcap):
-  """Grouped-query attention with float32 scores and softmax. q: (b,s,h,d); k: (b,kv,d,t); v: (b,kv,t,d)."""
+def attend(q, k, v, mask, scale, softcap, layout: str = attention_kernels.TRANSPOSED):
+  """Grouped-query attention with float32 scores and softmax. q: (b,s,h,d); v: (b,kv,t,d);
+  k: (b,kv,d,t) in the TRANSPOSED layout, (b,kv,t,d) in the KERNEL layout."""
   b, s, h, d = q.shape
   kv_heads = k.shape[1]
   q = q.reshape(b, s, kv_heads, h // kv_heads, d)
-  if s == 1:  # a decode step: products and sums beat many tiny batched matmuls on CPU, same math
+  kernel_layout = layout == attention_kernels.KERNEL
+  if kernel_layout:
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+  elif s == 1:  # a decode step: products and sums beat many tiny batched matmuls on CPU, same math
     scores = jnp.sum(q[:, 0, :, :, :, None].astype(jnp.float32) * k[:, :, None].astype(jnp.float32), axis=-2)
     scores = scores[:, :, :, None] * scale
   else:
@@ -173,7 +234,7 @@ def attend(q, k, v, mask, scale, softcap):
     scores = jnp.tanh(scores / softcap) * softcap
   scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  if s == 1:
+  if s == 1 and not kernel_layout:
     out = jnp.sum(probs[:, :, :, 0, :, None] * v[:, :, None], axis=-2)[:, None]
   else:
     out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
@@ -188,7 +249,9 @@ class StepMask(NamedTuple):
   the layer's ring-buffer cache, or None when its cache holds every slot;
   first, end: the DECODE_BLOCKs [first, end) of the layer's cache that a step
   reads, the union over the live rows of the blocks that can hold a key visible
-  to them (`step_block_range`).
+  to them (`step_block_range`). start, stop: (b,) in the KERNEL layout, for a
+  layer without a ring, each row sees the slots [start, stop)
+  (`attention_kernels.visible_range`; empty for rows that are not live); else None.
 
   A sliding layer whose window is shorter than the cache keeps a ring buffer of
   `window` entries: slot s is stored at s % window, so the entries hold exactly
@@ -201,6 +264,8 @@ class StepMask(NamedTuple):
   ring: int | None
   first: jax.Array
   end: jax.Array
+  start: jax.Array | None = None
+  stop: jax.Array | None = None
 
   def visible(self, start: int | jax.Array, size: int):
     """(b, size) which of the cache entries [start, start + size) each row's query sees."""
@@ -234,7 +299,7 @@ def step_block_range(index, window: int | None, live=None, ring: int | None = No
   return jnp.minimum(first, end), end
 
 
-def attend_step(q, k, v, mask: StepMask, scale, softcap):
+def attend_step(q, k, v, mask: StepMask, scale, softcap, layout: str = attention_kernels.TRANSPOSED):
   """attend() for a decode step (one query per row) against the whole cache.
 
   A cache of one block (or not a whole number of blocks) is read whole. A longer
@@ -245,11 +310,14 @@ def attend_step(q, k, v, mask: StepMask, scale, softcap):
   before the row's first visible block, is scaled to exactly 0 when that block comes),
   so neighbours that widen the range change no bit of it, and a step's cost follows
   the live rows' lengths, not the allocated cache length.
-  q: (b,1,h,d); k: (b,kv,d,t); v: (b,kv,t,d).
+  q: (b,1,h,d); v: (b,kv,t,d); k: (b,kv,d,t) in the TRANSPOSED layout, (b,kv,t,d) in the
+  KERNEL layout (there only for ring buffers: the other layers run attention_kernels).
   """
-  slots = k.shape[-1]
+  slots = v.shape[2]
   if slots <= DECODE_BLOCK or slots % DECODE_BLOCK:
-    return attend(q, k, v, mask.visible(0, slots)[:, None, :], scale, softcap)
+    return attend(q, k, v, mask.visible(0, slots)[:, None, :], scale, softcap, layout)
+  kernel_layout = layout == attention_kernels.KERNEL
+  key_axis = attention_kernels.key_slot_axis(layout)
   b, _, h, d = q.shape
   kv_heads = k.shape[1]
   q = q.reshape(b, kv_heads, h // kv_heads, d).astype(jnp.float32)
@@ -257,9 +325,12 @@ def attend_step(q, k, v, mask: StepMask, scale, softcap):
   def one_block(block, carry):
     top, total, out = carry  # running max and sum of exp(score - max), and the weighted values
     start = block * DECODE_BLOCK
-    keys = jax.lax.dynamic_slice_in_dim(k, start, DECODE_BLOCK, axis=3).astype(jnp.float32)
+    keys = jax.lax.dynamic_slice_in_dim(k, start, DECODE_BLOCK, axis=key_axis).astype(jnp.float32)
     values = jax.lax.dynamic_slice_in_dim(v, start, DECODE_BLOCK, axis=2).astype(jnp.float32)
-    scores = jnp.sum(q[..., None] * keys[:, :, None], axis=-2) * scale  # (b, kv, g, block)
+    if kernel_layout:
+      scores = jnp.einsum("bkgd,bktd->bkgt", q, keys) * scale
+    else:
+      scores = jnp.sum(q[..., None] * keys[:, :, None], axis=-2) * scale  # (b, kv, g, block)
     if softcap:
       scores = jnp.tanh(scores / softcap) * softcap
     scores = jnp.where(mask.visible(start, DECODE_BLOCK)[:, None, None, :], scores, _MASKED)
@@ -269,7 +340,11 @@ def attend_step(q, k, v, mask: StepMask, scale, softcap):
     rescale = jnp.exp(top - new_top)
     probs = jnp.exp(scores - new_top[..., None])
     total = total * rescale + jnp.sum(probs, axis=-1)
-    out = out * rescale[..., None] + jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
+    if kernel_layout:
+      weighted = jnp.einsum("bkgt,bktd->bkgd", probs, values)
+    else:
+      weighted = jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
+    out = out * rescale[..., None] + weighted
     return new_top, total, out
 
   init = (jnp.full(q.shape[:-1], _MASKED, jnp.float32), jnp.zeros(q.shape[:-1], jnp.float32),
@@ -428,12 +503,21 @@ class Decoder(nnx.Module):
     """One decode step: tokens, positions, cache_index: (b,), each row's own; key_valid: (b, max_len)
     with the new slots set; caches: per layer (keys, values). live: (b,) rows whose results are used
     (None: all); only they decide which cache blocks the step reads."""
+    kernel_layout = cache_layout() == attention_kernels.KERNEL
     masks = []
-    for i, (keys, _) in enumerate(caches):
+    for i, (_, values) in enumerate(caches):
       window = self.cfg.window_for(i)
-      ring = keys.shape[-1] if keys.shape[-1] < key_valid.shape[-1] else None
+      entries = values.shape[2]
+      ring = entries if entries < key_valid.shape[-1] else None
       first, end = step_block_range(cache_index, window, live, ring)
-      masks.append(StepMask(key_valid, cache_index, window, ring, first, end))
+      start = stop = None
+      if kernel_layout and ring is None:
+        # A row's first real slot from key_valid (its left padding comes before it): no extra
+        # state, O(b * max_len) bools per step, shared by the layers (XLA keeps one argmax).
+        start, stop = attention_kernels.visible_range(key_valid, cache_index, window)
+        if live is not None:  # rows not live read nothing (their output, 0s, is not used)
+          start = jnp.where(live, start, stop)
+      masks.append(StepMask(key_valid, cache_index, window, ring, first, end, start, stop))
     return self._layers(tokens[:, None], positions[:, None], masks, caches, cache_index)
 
   def _windows(self):
@@ -485,8 +569,10 @@ def positions_from_mask(attention_mask):
 class KVCache(NamedTuple):
   """Static-shape cache of every layer's keys/values, one row per sequence, each row on its own clock.
 
-  keys: per layer (b, kv_heads, head_dim, entries) (transposed: see
-  Attention); values: per layer (b, kv_heads, entries, head_dim); entries is
+  keys: per layer (b, kv_heads, head_dim, entries) in the TRANSPOSED layout
+  (CPU), (b, kv_heads, entries, head_dim) in the KERNEL layout (GPU, TPU):
+  `cache_layout()`, see Attention; values: per layer (b, kv_heads, entries,
+  head_dim); entries is
   max_len, or a sliding layer's window when that is shorter (a ring buffer:
   `layer_cache_length`). key_valid:
   (b, max_len) marks slots that hold real tokens (left padding stays False).
@@ -525,7 +611,8 @@ def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=No
   logits = model.logits(hidden[:, -1])
   dtype = cache_dtype or hidden.dtype
   lengths = [layer_cache_length(model.cfg, i, max_len) for i in range(len(kv))]
-  keys = tuple(_cache_entries(k.astype(dtype), n, axis=3) for (k, _), n in zip(kv, lengths))
+  key_axis = attention_kernels.key_slot_axis(cache_layout())
+  keys = tuple(_cache_entries(k.astype(dtype), n, axis=key_axis) for (k, _), n in zip(kv, lengths))
   values = tuple(_cache_entries(v.astype(dtype), n, axis=2) for (_, v), n in zip(kv, lengths))
   key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
   next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
