@@ -193,8 +193,9 @@ def _pair():
 
 
 def test_greedy_codit_equals_torch_reference():
-  """As test_decoding.py::test_greedy_equals_torch_reference: one batch of 4 prompts, the longest 70 tokens;
-  and the engine on a ('data': 2, 'model': 4) mesh, experts split, writes the same tokens."""
+  """As test_decoding.py::test_greedy_equals_torch_reference: 4 prompts, the longest 70 tokens, in 2 slots
+  (rows join as others finish); and the engine on a ('data': 2, 'model': 4) mesh, experts split, writes
+  the same tokens."""
   post_path, pre_path = _pair()
   post, pre = checkpoints.load_model(post_path), checkpoints.load_model(pre_path)
   torch_post, torch_pre = (tiny_checkpoints.load_torch_model(p, FAMILY) for p in (post_path, pre_path))
@@ -205,10 +206,11 @@ def test_greedy_codit_equals_torch_reference():
                                    max_new_tokens=16)[0][0]
   end_ids = (probe[7],)
   settings = DecodeSettings(vocab_size=V, end_ids=end_ids, temperature=0.0, max_new_tokens=16)
-  completions = Engine(post, pre, settings, batch_size=4, max_prompt_len=96, min_bucket=96).generate(prompts)
+  in_order = lambda engine: [{c.id: c for c in engine.run(prompts)}[i] for i, _ in prompts]  # noqa: E731
+  completions = in_order(Engine(post, pre, settings, batch_size=2, max_prompt_len=96, min_bucket=96))
   mesh = parallel.make_mesh(model_parallelism=4)  # experts 2 per device, the batch over 'data'
-  sharded = Engine(checkpoints.load_model(post_path, mesh=mesh), checkpoints.load_model(pre_path, mesh=mesh), settings,
-                   batch_size=4, max_prompt_len=96, min_bucket=96, mesh=mesh).generate(prompts)
+  sharded = in_order(Engine(checkpoints.load_model(post_path, mesh=mesh), checkpoints.load_model(pre_path, mesh=mesh),
+                            settings, batch_size=2, max_prompt_len=96, min_bucket=96, mesh=mesh))
   for got, on_mesh in zip(completions, sharded):
     assert on_mesh.tokens == got.tokens
     np.testing.assert_allclose(on_mesh.post_logprobs, got.post_logprobs, atol=5e-5, rtol=0)
