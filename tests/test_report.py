@@ -5,7 +5,6 @@ import html.parser
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections import Counter
