@@ -85,6 +85,19 @@ def test_full_forward_equals_transformers(family):
   assert ref[0].std() > 0.3
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_long_sequence_attends_by_query_blocks(family, monkeypatch):
+  """Over decoder.QUERY_BLOCK queries (here 16, so a 72-slot prompt takes 5 blocks, the last one padded)
+  attention runs block by block, in bounded memory: still transformers' logits."""
+  monkeypatch.setattr(decoder, "QUERY_BLOCK", 16)
+  tokens, mask = _prompts(family)
+  blocked = np.asarray(jax.jit(lambda m, t, a: forward(m, t, a)[0])(_model(family), jnp.asarray(tokens),
+                                                                    jnp.asarray(mask)))
+  ref = _reference_logits(family)
+  assert np.abs(blocked[0] - ref[0]).max() < TOL
+  assert np.abs(blocked[1, PAD:] - ref[1]).max() < TOL
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_row_equals_row_alone(family):
   tokens, mask = _prompts(family)
