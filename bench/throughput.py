@@ -125,11 +125,12 @@ def write_prompts(path: Path, n: int) -> None:
       f.write(json.dumps({"id": f"q{i}", "instruction": " ".join(words)}) + "\n")
 
 
-def run_generate(args, cwd: Path, post: str, pre: str, prompts: Path, out: Path, cache: Path) -> tuple[float, str]:
+def run_generate(args, cwd: Path, post: str, pre: str, prompts: Path, out: Path, cache: Path,
+                 **extra) -> tuple[float, str]:
   """codit-generate (the checkout at cwd) end to end: (wall seconds, its log)."""
   overrides = dict(post_trained=post, pre_trained=pre, prompts=prompts, output_dir=out, temperature=0.0,
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch, dtype="float32", max_prompt_len=128,
-                   min_bucket=32, compilation_cache_dir=cache, log_every_seconds=1e9)
+                   min_bucket=32, compilation_cache_dir=cache, log_every_seconds=1e9, **extra)
   command = [sys.executable, "-m", "codit_jax.generate", f"--config={cwd / 'configs' / 'default.py'}",
              *(f"--config.{k}={v}" for k, v in overrides.items())]
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1")
@@ -214,6 +215,13 @@ def main():
       if cwd == REPO:
         match = re.findall(r"slot utilization ([\d.]+)% \(([\d.]+)% while prompts wait\)", log)
         continuous_utilization = tuple(float(x) / 100 for x in match[-1]) if match else (float("nan"),) * 2
+        # The same run with stop_repetitive (a first run compiles its decode program).
+        for phase in ("compile", "warm"):
+          out_stop = tmp / f"out-stop-{phase}"
+          seconds, _ = run_generate(args, cwd, post, pre, prompts_file, out_stop, cache, stop_repetitive=True)
+        stop_seconds = seconds
+        stopped = {e["id"]: (list(e["response_tokens"]), e["finish_reason"])
+                   for e in writer.read_examples(str(out_stop))}
     if not args.skip_torch:
       out = tmp / "hf.json"
       command = [sys.executable, __file__, "--hf_worker", post, pre, str(out), f"--prompts_file={prompts_file}",
@@ -249,6 +257,13 @@ def main():
     if name != "continuous (this checkout)":
       same = np.mean([other[i] == reference[i] for i in reference])
       lines.append(f"- rows with the same tokens and finish reason as the continuous engine: {name}: {same:.0%}")
+  stop_tokens = sum(len(t) + (r == "stop") for t, r in stopped.values())
+  looping = sum(r == "repetitive" for _, r in stopped.values())
+  same = np.mean([stopped[i] == reference[i] for i in reference if stopped[i][1] != "repetitive"])
+  lines.append(f"- stop_repetitive (continuous, warm): {looping} rows stopped 'repetitive' of "
+               f"{sum(r == 'length' for _, r in reference.values())} at the cap; {stop_tokens} tokens instead of "
+               f"{tokens} ({1 - stop_tokens / tokens:.0%} fewer), {stop_seconds:.1f} s instead of "
+               f"{runs['continuous (this checkout), warm']:.1f} s; the other rows unchanged: {same:.0%}")
   if f"static ({args.static_commit}), warm" in runs:
     lines.append(f"- continuous over static engine (warm): "
                  f"{runs[f'static ({args.static_commit}), warm'] / runs['continuous (this checkout), warm']:.2f}x")

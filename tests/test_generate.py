@@ -281,16 +281,25 @@ def test_truncate_policy_keeps_long_prompts(tmp_path):
     (dict(output_dir=""), "leaves output_dir empty"),
     (dict(pair_parallel=True), "pair_parallel needs an even device count; there are 1"),
     (dict(pair_parallel=True, mode="direct"), "set pair_parallel=False"),
+    (dict(pre_trained="NO_TOKENIZER"), "pre_trained: the checkpoint folder"),
 ])
 def test_user_errors_exit_nonzero_without_traceback(tmp_path, change, message):
   settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 2)))
   if change.get("pre_trained") == "qwen3":
     change = dict(pre_trained=_pair("qwen3")[1])
+  if change.get("pre_trained") == "NO_TOKENIZER":  # config.json and weights, no tokenizer files
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in Path(settings["pre_trained"]).iterdir():
+      if f.name.endswith((".safetensors", ".index.json")) or f.name in ("config.json", "generation_config.json"):
+        (folder / f.name).write_bytes(f.read_bytes())
+    change = dict(pre_trained=str(folder))
   run = _cli(_flags(dict(settings, **change)))
   _, err = run.communicate(timeout=600)
   assert run.returncode != 0
   assert message in err and "Traceback" not in err
   assert err.count("codit-generate: error:") == 1
+  assert not Path(settings["output_dir"]).exists()  # refused before output_dir is touched
 
 
 def test_other_settings_against_existing_output_refused_unless_forced(tmp_path):
