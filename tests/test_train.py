@@ -314,6 +314,21 @@ def _fields(examples):
   return [(e.instruction, e.response, e.finished, e.repetitive) for e in examples]
 
 
+def test_training_on_the_authors_layout_drops_unfinished_rows_and_loss_falls(tmp_path):
+  """codit-train on a JSONL file in the authors' layout: drop_unfinished leaves out the rows with
+  is_completed false, and the loss falls."""
+  records = _authors_records(32)
+  unfinished = sum(not r["is_completed"] for r in records)
+  assert 0 < unfinished < len(records)
+  settings = dict(_RUN, student=_student("llama"), datasets=_write_jsonl(tmp_path / "codit.jsonl", records),
+                  output_dir=str(tmp_path / "out"), drop_unfinished=True, drop_repetitive=False)
+  summary = trainer.train(_config(**settings))
+  assert summary["data"]["read"] == 32 and summary["data"]["dropped"] == {"unfinished": unfinished}
+  assert summary["data"]["kept"] == 32 - unfinished
+  losses = [r["loss"] for r in metrics.read(Path(settings["output_dir"])) if "loss" in r]
+  assert losses[-1] < 0.6 * losses[0], losses
+
+
 def test_authors_layout_is_completed_decides_what_is_unfinished(tmp_path):
   records = _authors_records(8)
   records[3]["response"] = "ab" * 60  # degenerate: their records carry no flag, so it is computed
