@@ -315,22 +315,22 @@ def test_other_settings_against_existing_output_refused_unless_forced(tmp_path):
 
 
 def test_long_prompts_are_answered_in_a_second_pass(tmp_path, monkeypatch):
-  """Prompts over the main pass's length (here 40 tokens) run after it in slots sized for them: the
+  """Prompts over the main pass's length (here 128 tokens) run after it in slots sized for them: the
   same rows as a run where the main pass takes every prompt."""
   prompts_file = tmp_path / "seed.jsonl"
   with prompts_file.open("w") as f:
-    for i, words in enumerate([3, 40, 2, 60, 5]):
+    for i, words in enumerate([1, 8, 2, 15, 1]):
       f.write(json.dumps({"id": f"p{i}", "instruction": " ".join(["robot sea"] * words)}) + "\n")
   one_pass = _overrides(tmp_path, prompts=str(prompts_file), output_dir=str(tmp_path / "one"))
   generate_app.generate(_config(**one_pass))
-  monkeypatch.setattr(generate_app, "MAIN_PROMPT_LEN", 40)
+  monkeypatch.setattr(generate_app, "MAIN_PROMPT_LEN", 128)
   two_passes = dict(one_pass, output_dir=str(tmp_path / "two"))
   summary = generate_app.generate(_config(**two_passes))
   assert summary["rows"] == 5 and summary["skipped_inputs"] == {}
   tokenizer = transformers.AutoTokenizer.from_pretrained(one_pass["post_trained"])
   lengths = {r["id"]: len(prompts.build_prompt_ids(tokenizer, r["instruction"]))
              for r in map(json.loads, prompts_file.read_text().splitlines())}
-  assert sum(n > 40 for n in lengths.values()) == 2 and max(lengths.values()) <= 256
+  assert sum(n > 128 for n in lengths.values()) == 2 and max(lengths.values()) <= 256, lengths
   a, b = _records(one_pass["output_dir"]), _records(two_passes["output_dir"])
   assert sorted(a) == sorted(b)
   for key in a:

@@ -102,7 +102,10 @@ def test_long_sequence_attends_by_query_blocks(family, monkeypatch):
 def test_left_padded_row_equals_row_alone(family):
   tokens, mask = _prompts(family)
   alone, _ = jax.jit(forward)(_model(family), jnp.asarray(tokens[1:, PAD:]), jnp.asarray(mask[1:, PAD:]))
-  np.testing.assert_allclose(_jax_logits(family)[1, PAD:], np.asarray(alone)[0], atol=1e-5, rtol=0)
+  # Two float32 programs of different shapes (a padded batch of 2, one row alone) sum in different
+  # orders: olmo2's post-norm blocks reach 1.01e-5 on logits of magnitude ~3 with jax 0.10.2 (also at
+  # the commit before this session's changes), so the bound is 2e-5, still 5x under TOL.
+  np.testing.assert_allclose(_jax_logits(family)[1, PAD:], np.asarray(alone)[0], atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
