@@ -189,7 +189,8 @@ def _choose(settings: DecodeSettings, post_logits, pre_logits, seed, hashes, ste
   token = sampling.sample(score, sampling.step_keys(seed, hashes, steps), settings.temperature, settings.top_p,
                           settings.top_k)
   pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
-  lp_codit = pick(jax.nn.log_softmax(score, axis=-1)) if settings.mode == "codit" else pick(lp_post)
+  # The drawn token's entry of log_softmax(score), without materializing the whole vocabulary's.
+  lp_codit = pick(score) - jax.nn.logsumexp(score, axis=-1) if settings.mode == "codit" else pick(lp_post)
   return token, pick(lp_post), pick(lp_pre) if lp_pre is not None else jnp.zeros_like(lp_codit), lp_codit
 
 
