@@ -41,23 +41,24 @@ def main():
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from decode import build_pair, machine, parameters, print_and_record, timed  # pylint: disable=g-import-not-at-top
   from codit_jax import checkpoints  # pylint: disable=g-import-not-at-top
+  from codit_jax.decoding import engine  # pylint: disable=g-import-not-at-top
   from codit_jax.models import KVCache, decode_step, decoder  # pylint: disable=g-import-not-at-top
 
   args.new_tokens = args.max_new_tokens
   with tempfile.TemporaryDirectory() as tmp:
     post_path, _ = build_pair(args, Path(tmp))
     model = checkpoints.load_model(post_path, args.dtype)
-  cfg = model.cfg
   length = decoder.cache_length(args.prompt_len + args.max_new_tokens)
-  dtype = jnp.float32 if args.dtype == "float32" else jnp.bfloat16
 
-  def cache_at(fill: int) -> KVCache:
-    shape_k = (args.batch, *decoder.key_cache_shape(cfg.num_kv_heads, cfg.head_dim, length))
-    shape_v = (args.batch, cfg.num_kv_heads, length, cfg.head_dim)
-    return KVCache(keys=tuple(jnp.zeros(shape_k, dtype) for _ in range(cfg.num_layers)),
-                   values=tuple(jnp.zeros(shape_v, dtype) for _ in range(cfg.num_layers)),
-                   key_valid=jnp.arange(length)[None, :].repeat(args.batch, 0) < fill,
-                   next_position=jnp.full((args.batch,), fill, jnp.int32), index=jnp.full((args.batch,), fill, jnp.int32))
+  def cache_at(fill: int, block: int) -> KVCache:
+    """Every row at slot `fill`, the cache in blocks of `block` slots as the decoder keeps it then
+    (zeros: a step's cost does not depend on the values)."""
+    saved, decoder.DECODE_BLOCK = decoder.DECODE_BLOCK, block
+    try:
+      cache = engine._empty_cache(model, args.batch, length, stacked=False)  # pylint: disable=protected-access
+    finally:
+      decoder.DECODE_BLOCK = saved
+    return cache._replace(index=jnp.full((args.batch,), fill, jnp.int32))
 
   def compiled_steps():
     """A new function each time: jit caches traces per function, and DECODE_BLOCK is read when tracing."""
@@ -69,17 +70,18 @@ def main():
       return jax.lax.fori_loop(0, args.steps, one, (jnp.zeros((args.batch,), jnp.int32), cache))[0]
     return jax.jit(steps)
 
+  block, whole_block = decoder.DECODE_BLOCK, length + 1  # one block past the cache: read it whole
   blocked = compiled_steps()
-  blocked(model, cache_at(args.prompt_len)).block_until_ready()
-  saved, decoder.DECODE_BLOCK = decoder.DECODE_BLOCK, length + 1  # one block past the cache: read it whole
+  blocked(model, cache_at(args.prompt_len, block)).block_until_ready()
+  saved, decoder.DECODE_BLOCK = decoder.DECODE_BLOCK, whole_block  # traced (once) reading the whole cache
   whole = compiled_steps()
-  whole(model, cache_at(args.prompt_len)).block_until_ready()
+  whole(model, cache_at(args.prompt_len, whole_block)).block_until_ready()
   decoder.DECODE_BLOCK = saved
 
   rows = []
   for fill in [int(f) for f in args.fills.split(",") if int(f) + args.steps <= length]:
-    cache = cache_at(fill)
-    times = [timed(lambda f=f: f(model, cache).block_until_ready(), args.repeats)[1] / args.steps  # noqa: B023
+    caches = {whole: cache_at(fill, whole_block), blocked: cache_at(fill, block)}
+    times = [timed(lambda f=f: f(model, caches[f]).block_until_ready(), args.repeats)[1] / args.steps  # noqa: B023
              for f in (whole, blocked)]
     rows.append((fill, *times))
 

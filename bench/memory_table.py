@@ -104,9 +104,9 @@ def tables(max_new_tokens: int, batch_size: int) -> str:
   rows = []
   for name, fields in PAIRS:
     cfg, models, len_main, len_long = pair_memory(fields, max_new_tokens)
-    no_ring = 2 * memory.cache_bytes_per_slot(cfg, len_main, "bfloat16", ring_buffers=False)
-    ring = 2 * memory.cache_bytes_per_slot(cfg, len_main, "bfloat16")
-    long_ring = 2 * memory.cache_bytes_per_slot(cfg, len_long, "bfloat16") if len_long else 0
+    no_ring = 2 * memory.kv_bytes_per_slot(cfg, len_main, "bfloat16", ring_buffers=False)
+    ring = 2 * memory.kv_bytes_per_slot(cfg, len_main, "bfloat16")
+    long_ring = 2 * memory.kv_bytes_per_slot(cfg, len_long, "bfloat16") if len_long else 0
     out.append(f"| {name} | {gib(2 * models[0].weight_bytes)} | {len_main} | {gib(no_ring)} | {gib(ring)} | "
                f"{len_long or '-'} | {gib(long_ring) if len_long else '-'} |")
     rows.append((name, models))

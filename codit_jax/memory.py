@@ -18,8 +18,7 @@ What is counted, per device:
   (B, kv_heads, slots, head_dim) in the run's dtype, slots = the cache length L, or
   a sliding-window layer's window W where W < L (ring buffers); the kv_heads axis is
   split over 'model' when model_parallelism divides num_kv_heads, else every device
-  of the group holds all heads (as the engine's `_state_specs` places it). Plus the
-  (B, L) bool key_valid per model, never split over 'model'.
+  of the group holds all heads (as the engine's `_state_specs` places it).
 * a margin for everything else (XLA's temporaries, logits, prefill activations,
   fragmentation): `margin` of each device's memory.
 
@@ -133,11 +132,6 @@ def kv_bytes_per_slot(cfg, cache_len: int, dtype: str, ring_buffers: bool = True
   return per_cache_slot * sum(layer_slots(cfg, cache_len, ring_buffers))
 
 
-def cache_bytes_per_slot(cfg, cache_len: int, dtype: str, ring_buffers: bool = True) -> int:
-  """Keys and values of one slot over all layers plus its key_valid row (cache_len bools)."""
-  return kv_bytes_per_slot(cfg, cache_len, dtype, ring_buffers) + cache_len
-
-
 # ---- What a device has.
 
 def device_memory_bytes(devices: Iterable | None = None) -> int | None:
@@ -172,7 +166,7 @@ class ModelMemory:
   weights: (bytes on each device at model_parallelism mp) for each candidate mp, as a
   tuple of (mp, bytes) pairs; kv_main / kv_long: keys and values of one slot (all
   heads) at the main and the long pass's cache length; len_main / len_long: those
-  lengths (the key_valid row); kv_heads: how the cache splits over 'model'.
+  lengths; kv_heads: how the cache splits over 'model'.
   """
 
   name: str
@@ -215,9 +209,9 @@ class ModelMemory:
 
   def slot_bytes_per_device(self, mp: int, long: bool = False) -> int:
     """One slot's cache on each device of a model-parallel group of mp: kv heads split when mp divides them."""
-    kv, length = (self.kv_long, self.len_long) if long else (self.kv_main, self.len_main)
+    kv = self.kv_long if long else self.kv_main
     split = mp if self.kv_heads % mp == 0 else 1
-    return -(-kv // split) + length
+    return -(-kv // split)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,13 +29,11 @@ def _inputs(b, heads, kv_heads, head_dim, slots, dtype, seed=0):
 
 
 def _rows(slots, window):
-  """(key_valid (b, L), index (b,)) of a continuous batch: left padding, different clocks."""
-  pad = np.array([0, 3, slots // 3, 17, 0, 1])
+  """index (b,): the query slots of a continuous batch's rows, each on its own clock."""
   index = np.array([slots - 1, 40, slots - 2, slots // 2 + 5, 0, 20])
   if window is not None:
     index[3] = min(slots - 1, index[3] + window)  # a row past its window: start = index - window + 1
-  key_valid = (np.arange(slots)[None, :] >= pad[:, None]) & (np.arange(slots)[None, :] <= index[:, None])
-  return jnp.asarray(key_valid), jnp.asarray(index, jnp.int32)
+  return jnp.asarray(index, jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "softcap"))
@@ -58,10 +56,14 @@ def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=T
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale"))
-def _attend_step(q, keys, values, key_valid, index, window, scale):
+def _attend_step(q, keys, values, index, window, scale):
+  """The decoder's CPU decode-step attention, the cache split into its blocks as the decoder keeps it."""
   first, last = decoder.step_block_range(index, window)
-  return decoder.attend_step(q, jnp.swapaxes(keys, 2, 3), values,
-                             decoder.StepMask(key_valid, index, window, None, first, last), scale, None)
+  key_blocks = decoder._split(jnp.swapaxes(keys, 2, 3), 3)  # pylint: disable=protected-access
+  value_blocks = decoder._split(values, 2)  # pylint: disable=protected-access
+  assert len(key_blocks) == len(value_blocks) == decoder.cache_blocks(keys.shape[2]).__len__()
+  return decoder.attend_step(q, key_blocks, value_blocks, decoder.StepMask(index, window, None, first, last),
+                             scale, None)
 
 
 def _f32(x):
@@ -80,8 +82,8 @@ CASES = [  # (heads, kv_heads, head_dim, slots, window)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("heads,kv_heads,head_dim,slots,window", CASES)
 def test_interpreted_gpu_kernel_matches_reference_and_attend(heads, kv_heads, head_dim, slots, window, dtype):
-  key_valid, index = _rows(slots, window)
-  start, end = ak.visible_range(key_valid, index, window)
+  index = _rows(slots, window)
+  start, end = decoder.visible_range(index, window)
   q, keys, values = _inputs(len(index), heads, kv_heads, head_dim, slots, dtype)
   scale = head_dim ** -0.5
   assert ak.gpu_kernel_fits(q[:, 0].shape, keys.shape)
@@ -91,25 +93,25 @@ def test_interpreted_gpu_kernel_matches_reference_and_attend(heads, kv_heads, he
   np.testing.assert_allclose(_f32(out[:, 0]), _f32(reference), **TOLERANCE[dtype])
   project = _project_attend(q, keys, values, start, end, scale)
   np.testing.assert_allclose(_f32(out), _f32(project), **TOLERANCE[dtype])
-  # ... and the decoder's decode-step path, on its own mask (key_valid, index, window)
-  step = _attend_step(q, keys, values, key_valid, index, window, scale)
+  # ... and the decoder's decode-step path, on its own mask (index, window)
+  step = _attend_step(q, keys, values, index, window, scale)
   np.testing.assert_allclose(_f32(out), _f32(step), **TOLERANCE[dtype])
 
 
 def test_visible_range_is_the_step_mask():
   slots, window = 512, 100
   for w in (None, window):
-    key_valid, index = _rows(slots, w)
-    start, end = ak.visible_range(key_valid, index, w)
-    mask = decoder.StepMask(key_valid, index, w, None, 0, 0).visible(0, slots)
+    index = _rows(slots, w)
+    start, end = decoder.visible_range(index, w)
+    mask = decoder.StepMask(index, w, None, 0, 0).visible(0, slots)
     s = np.arange(slots)
     np.testing.assert_array_equal(np.asarray(mask), (s >= np.asarray(start)[:, None]) & (s < np.asarray(end)[:, None]))
 
 
 def test_platform_dependent_wrapper_on_cpu_is_the_reference():
   slots, window = 1024, 300
-  key_valid, index = _rows(slots, window)
-  start, end = ak.visible_range(key_valid, index, window)
+  index = _rows(slots, window)
+  start, end = decoder.visible_range(index, window)
   q, keys, values = _inputs(len(index), 8, 2, 64, slots, jnp.float32)
   out = _kernel_layout(q, keys, values, start, end, 0.125, interpret=False)
   reference = _reference(q[:, 0], keys, values, start, end, 0.125)
@@ -130,8 +132,8 @@ def test_empty_rows_give_zeros():
 
 
 def test_softcap_and_unfit_shapes_run_the_reference():
-  key_valid, index = _rows(512, None)
-  start, end = ak.visible_range(key_valid, index, None)
+  index = _rows(512, None)
+  start, end = decoder.visible_range(index, None)
   q, keys, values = _inputs(len(index), 4, 2, 64, 512, jnp.float32)
   out = _kernel_layout(q, keys, values, start, end, 0.125, softcap=50.0)
   project = _project_attend(q, keys, values, start, end, 0.125, softcap=50.0)
@@ -146,8 +148,8 @@ def test_softcap_and_unfit_shapes_run_the_reference():
 
 
 def test_reference_block_loop_matches_dense():
-  key_valid, index = _rows(1024, 300)
-  start, end = ak.visible_range(key_valid, index, 300)
+  index = _rows(1024, 300)
+  start, end = decoder.visible_range(index, 300)
   q, keys, values = _inputs(len(index), 8, 4, 64, 1024, jnp.float32)
   blocks = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0)
   dense = _reference(q[:, 0], keys, values, start, end, 0.125, softcap=30.0, block=1024)
@@ -204,7 +206,8 @@ def test_kernel_layout_engine_greedy_equals_transposed_and_torch(family):
     empty = engine_lib._empty_cache(post, 3, engine.cache_len, stacked=False)
     for i, (keys, values) in enumerate(zip(empty.keys, empty.values)):
       entries = decoder.layer_cache_length(post.cfg, i, engine.cache_len)  # gemma3: rings of 16 on sliding layers
-      assert keys.shape == values.shape == (3, post.cfg.num_kv_heads, entries, post.cfg.head_dim)
+      assert [k.shape for k in keys] == [v.shape for v in values] == [(3, post.cfg.num_kv_heads, entries,
+                                                                       post.cfg.head_dim)]
   for (_, ids), got, cpu in zip(prompts, kernel, transposed):
     tokens, lp_post, lp_pre, reason = torch_reference.generate(
         torch_post, torch_pre, [ids], end_ids=settings.end_ids, vocab_size=test_decoding.V, max_new_tokens=new,

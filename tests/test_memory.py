@@ -66,9 +66,9 @@ def test_cache_bytes_per_slot_by_hand():
   cfg = _cfg([SLIDING_ATTENTION] * 5 + [FULL_ATTENTION])  # Gemma 3's 5 local : 1 global
   per_cache_slot = 2 * 2 * 16 * 2  # keys and values, 2 kv heads, head_dim 16, bfloat16: 128 bytes
   assert memory.layer_slots(cfg, 64) == (16,) * 5 + (64,)
-  assert memory.cache_bytes_per_slot(cfg, 64, "bfloat16") == per_cache_slot * (5 * 16 + 64) + 64  # + key_valid
-  assert memory.cache_bytes_per_slot(cfg, 64, "bfloat16", ring_buffers=False) == per_cache_slot * 6 * 64 + 64
-  assert memory.cache_bytes_per_slot(cfg, 64, "float32") == 2 * per_cache_slot * (5 * 16 + 64) + 64
+  assert memory.kv_bytes_per_slot(cfg, 64, "bfloat16") == per_cache_slot * (5 * 16 + 64)
+  assert memory.kv_bytes_per_slot(cfg, 64, "bfloat16", ring_buffers=False) == per_cache_slot * 6 * 64
+  assert memory.kv_bytes_per_slot(cfg, 64, "float32") == 2 * per_cache_slot * (5 * 16 + 64)
   # A window no shorter than the cache keeps the cache length.
   assert memory.layer_slots(cfg, 12) == (12,) * 6
   full = _cfg([FULL_ATTENTION] * 3)
@@ -86,8 +86,8 @@ def test_cache_lengths():
 
 def test_slot_bytes_split_only_when_model_parallelism_divides_kv_heads():
   m = memory.ModelMemory.simple(weight_bytes=GiB, kv_heads=8, kv_main=8 * 1000, len_main=100)
-  assert m.slot_bytes_per_device(4) == 2000 + 100
-  assert m.slot_bytes_per_device(16) == 8000 + 100  # 8 heads over 16 devices: every device holds all
+  assert m.slot_bytes_per_device(4) == 2000
+  assert m.slot_bytes_per_device(16) == 8000  # 8 heads over 16 devices: every device holds all
   assert m.weights_per_device(3) == -(-GiB // 3)
 
 
@@ -121,11 +121,11 @@ def test_automatic_model_parallelism(device_memory, devices, batch_size, expecte
 def test_automatic_model_parallelism_numbers_on_v5e_8():
   p = memory.plan(PAIR, device_memory=16 * GiB, device_count=8, batch_size=64)
   free = 16 * GiB - int(0.1 * 16 * GiB) - 2 * -(-QWEN3_8B_WEIGHTS // 8)
-  per_slot = 2 * (QWEN3_8B_SLOT // 8 + 6144)
+  per_slot = 2 * (QWEN3_8B_SLOT // 8)
   assert p.weights_per_device == 2 * -(-QWEN3_8B_WEIGHTS // 8)
   assert p.slot_bytes_main == per_slot and p.budget_per_device == free
   assert p.slots_main == free // per_slot == 50 and p.limited_by == "memory"
-  assert p.slots_long == free // (2 * (QWEN3_8B_SLOT // 6144 * 40960 // 8 + 40960)) == 7
+  assert p.slots_long == free // (2 * (QWEN3_8B_SLOT // 6144 * 40960 // 8)) == 7
 
 
 def test_unknown_memory_gives_batch_size_slots():
@@ -161,7 +161,7 @@ def test_pair_parallel_holds_one_model_per_half():
   p = memory.plan(PAIR, device_memory=32 * GiB, device_count=8, batch_size=64, pair_parallel=True)
   assert p.pair_parallel and p.model_parallelism * p.data_parallel == 4
   assert p.weights_per_device == -(-QWEN3_8B_WEIGHTS // p.model_parallelism)  # one model, not two
-  assert p.slot_bytes_main == QWEN3_8B_SLOT // p.model_parallelism + 6144
+  assert p.slot_bytes_main == QWEN3_8B_SLOT // p.model_parallelism
   with pytest.raises(CoditError, match="even device count"):
     memory.plan(PAIR, device_memory=32 * GiB, device_count=3, batch_size=8, pair_parallel=True)
   with pytest.raises(CoditError, match="direct mode"):
@@ -205,10 +205,10 @@ def test_model_memory_from_config_matches_the_functions(tiny):
   _, cfg = checkpoints.load_config(tiny["gemma3_multimodal"])  # sliding layers (window 16)
   m = memory.ModelMemory.from_config(cfg, "bfloat16", 64, 512, parallelisms=(1, 2))
   assert m.weight_bytes == 2 * GEMMA3 and m.weights_per_device(2) == memory.weight_bytes_per_device(cfg, "bfloat16", 2)
-  assert m.kv_main + 64 == memory.cache_bytes_per_slot(cfg, 64, "bfloat16")
-  assert m.kv_long + 512 == memory.cache_bytes_per_slot(cfg, 512, "bfloat16")
+  assert m.kv_main == memory.kv_bytes_per_slot(cfg, 64, "bfloat16")
+  assert m.kv_long == memory.kv_bytes_per_slot(cfg, 512, "bfloat16")
   plain = memory.ModelMemory.from_config(cfg, "bfloat16", 64, parallelisms=(1,), ring_buffers=False)
-  assert plain.kv_main + 64 == memory.cache_bytes_per_slot(cfg, 64, "bfloat16", ring_buffers=False) > m.kv_main + 64
+  assert plain.kv_main == memory.kv_bytes_per_slot(cfg, 64, "bfloat16", ring_buffers=False) > m.kv_main
   assert plain.kv_long == 0
   with pytest.raises(CoditError, match="model_parallelism=4"):
     m.weights_per_device(4)

@@ -178,8 +178,8 @@ def test_expert_parallel_equals_unsharded():
   full = test_models._jax_logits(FAMILY)
   np.testing.assert_allclose(np.asarray(logits), full, atol=5e-5, rtol=0)
   split = 64
-  logits, cache = jax.jit(prefill, static_argnums=3)(model, jnp.asarray(tokens[:, :split]),
-                                                     jnp.asarray(mask[:, :split]), test_models.PROMPT_LEN)
+  logits, cache = jax.jit(prefill, static_argnums=3)(model, *test_models._right_aligned(tokens, mask, split),
+                                                     test_models.PROMPT_LEN)
   np.testing.assert_allclose(np.asarray(logits), full[:, split - 1], atol=5e-5, rtol=0)
   step = jax.jit(decode_step, donate_argnums=2)
   for t in range(split, split + 4):

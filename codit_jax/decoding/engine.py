@@ -5,7 +5,7 @@ time; when its row stops, the slot is refilled with a waiting prompt while the
 other rows go on, so no row waits for a longer neighbour. The device state is
 one pytree, `DecodeState`, of fixed shapes for the whole run: both models' KV
 caches (one length for every slot: the longest prompt bucket plus
-max_new_tokens), each row's cache write index and rope position (in the caches),
+max_new_tokens), each row's cache write index, which is its rope position (in the caches),
 its last token, the tokens it emitted so far, a done flag, its example's hash,
 and the output buffers of what it emitted.
 
@@ -13,7 +13,7 @@ Three compiled programs, in the shape of JetStream's engine (prefill, insert,
 generate) and MaxText's offline engine:
   * `init_state` (one program): the empty batch, every slot free.
   * `admit` (one program per prompt bucket): prefill a group of waiting prompts,
-    left-padded to the bucket, in both models; draw their first tokens; scatter
+    right-padded to the bucket (each row's sequence starts at slot 0), in both models; draw their first tokens; scatter
     their caches and rows into free slots. A group has a fixed size per bucket
     (about `admit_tokens` tokens); its padding rows target slot B and are
     dropped by the scatter.
@@ -60,7 +60,7 @@ from codit_jax.decoding import repetition_stop, sampling
 from codit_jax.decoding.score import codit_score, log_probs
 from codit_jax.errors import CoditError
 from codit_jax.models import Decoder, KVCache, decode_step, prefill
-from codit_jax.models.decoder import cache_length, key_cache_shape, layer_cache_length
+from codit_jax.models.decoder import cache_blocks, cache_length, key_cache_shape, layer_cache_length
 
 MODES = ("codit", "direct")
 
@@ -110,8 +110,8 @@ def check_sampling(mode, alpha, beta, temperature, top_p, top_k, max_new_tokens)
 
 
 class Rows(NamedTuple):
-  """Per-slot state of the running batch, each (B,). A row's cache write index and rope position
-  are in the KV caches (`KVCache.index`, `.next_position`, the same in both models)."""
+  """Per-slot state of the running batch, each (B,). A row's cache write index, which is its rope
+  position, is in the KV caches (`KVCache.index`, the same in both models)."""
 
   token: jax.Array  # the last token drawn: the next step's input
   emitted: jax.Array  # tokens emitted so far, the end token included
@@ -154,13 +154,13 @@ def _over_pair(stacked: Decoder, fn, *stacked_args):
   return jax.vmap(lambda s, *a: fn(nnx.merge(graphdef, s), *a), spmd_axis_name=parallel.PAIR)(state, *stacked_args)
 
 
-def _prefill_models(post, pre, tokens, mask, max_len: int, settings: DecodeSettings):
+def _prefill_models(post, pre, tokens, lengths, max_len: int, settings: DecodeSettings):
   """(post logits, pre logits or None, caches) after the prompts."""
   if settings.pair_parallel:
-    logits, caches = _over_pair(post, lambda model: prefill(model, tokens, mask, max_len))
+    logits, caches = _over_pair(post, lambda model: prefill(model, tokens, lengths, max_len))
     return logits[0], logits[1], caches
-  post_logits, post_cache = prefill(post, tokens, mask, max_len)
-  pre_logits, pre_cache = prefill(pre, tokens, mask, max_len) if settings.mode == "codit" else (None, None)
+  post_logits, post_cache = prefill(post, tokens, lengths, max_len)
+  pre_logits, pre_cache = prefill(pre, tokens, lengths, max_len) if settings.mode == "codit" else (None, None)
   return post_logits, pre_logits, (post_cache, pre_cache)
 
 
@@ -211,10 +211,8 @@ def _state_specs(state: DecodeState, mesh: Mesh, pair_parallel: bool):
   def caches_specs(cache: KVCache | None):
     if cache is None:
       return None
-    return KVCache(keys=tuple(cache_spec(k, True) for k in cache.keys),
-                   values=tuple(cache_spec(v, True) for v in cache.values),
-                   key_valid=cache_spec(cache.key_valid, False), next_position=cache_spec(cache.next_position, False),
-                   index=cache_spec(cache.index, False))
+    blocks = lambda tree: jax.tree.map(lambda leaf: cache_spec(leaf, True), tree)  # noqa: E731
+    return KVCache(keys=blocks(cache.keys), values=blocks(cache.values), index=cache_spec(cache.index, False))
 
   caches = caches_specs(state.caches) if pair_parallel else tuple(caches_specs(c) for c in state.caches)
   rows = jax.tree.map(lambda x: parallel.fit_spec((parallel.DATA,), x.shape, mesh), state.rows)
@@ -243,9 +241,9 @@ def _empty_cache(model: Decoder, slots: int, length: int, stacked: bool) -> KVCa
   zeros = lambda *shape, dtype=dtype: jnp.zeros(lead + shape, dtype)  # noqa: E731
   entries = [layer_cache_length(cfg, i, length) for i in range(cfg.num_layers)]
   return KVCache(
-      keys=tuple(zeros(slots, *key_cache_shape(cfg.num_kv_heads, cfg.head_dim, n)) for n in entries),
-      values=tuple(zeros(slots, cfg.num_kv_heads, n, cfg.head_dim) for n in entries),
-      key_valid=zeros(slots, length, dtype=jnp.bool_), next_position=zeros(slots, dtype=jnp.int32),
+      keys=tuple(tuple(zeros(slots, *key_cache_shape(cfg.num_kv_heads, cfg.head_dim, n)) for n in cache_blocks(e))
+                 for e in entries),
+      values=tuple(tuple(zeros(slots, cfg.num_kv_heads, n, cfg.head_dim) for n in cache_blocks(e)) for e in entries),
       index=zeros(slots, dtype=jnp.int32))
 
 
@@ -263,12 +261,11 @@ def _init_state(post: Decoder, pre: Decoder | None, *, settings: DecodeSettings,
   return _constrain(DecodeState(caches, rows, out), mesh, settings.pair_parallel)
 
 
-def _admit(post, pre, state: DecodeState, tokens, mask, hashes, slots, seed, *, settings: DecodeSettings,
-           mesh: Mesh | None) -> DecodeState:
-  """Prefills a group of prompts (tokens, mask: (G, bucket), left-padded), draws each one's first token
-  and puts it into its slot (slots: (G,); B for padding rows, which the scatter drops)."""
-  cache_len = (state.caches.key_valid if settings.pair_parallel else state.caches[0].key_valid).shape[-1]
-  post_logits, pre_logits, group_caches = _prefill_models(post, pre, tokens, mask, cache_len, settings)
+def _admit(post, pre, state: DecodeState, tokens, lengths, hashes, slots, seed, *, settings: DecodeSettings,
+           cache_len: int, mesh: Mesh | None) -> DecodeState:
+  """Prefills a group of prompts (tokens: (G, bucket), right-padded; lengths: (G,)), draws each one's
+  first token and puts it into its slot (slots: (G,); B for padding rows, which the scatter drops)."""
+  post_logits, pre_logits, group_caches = _prefill_models(post, pre, tokens, lengths, cache_len, settings)
   token, lp_post, lp_pre, lp_codit = _choose(settings, post_logits, pre_logits, seed, hashes, 0)
   end_ids = jnp.asarray(settings.end_ids, jnp.int32)
   group = tokens.shape[0]
@@ -318,7 +315,7 @@ def _decode_chunk(post, pre, state: DecodeState, seed, min_free, *, settings: De
 
 
 init_state = jax.jit(_init_state, static_argnames=("settings", "slots", "cache_len", "mesh"))
-admit = jax.jit(_admit, static_argnames=("settings", "mesh"), donate_argnames=("state",))
+admit = jax.jit(_admit, static_argnames=("settings", "cache_len", "mesh"), donate_argnames=("state",))
 decode_chunk = jax.jit(_decode_chunk, static_argnames=("settings", "chunk_steps", "mesh"), donate_argnames=("state",))
 
 
@@ -453,7 +450,7 @@ class Engine:
           group.append(waiting.popleft())
         targets, free = free[:len(group)], free[len(group):]
         state = admit(self.post, self.pre, state, *self._group_inputs(group, targets, bucket, size), seed,
-                      settings=self.settings, mesh=self.mesh)
+                      settings=self.settings, cache_len=self.cache_len, mesh=self.mesh)
         for example, slot in zip(group, targets):
           occupant[slot] = example
       min_free = min(self.group_size(self.bucket_for(len(waiting[0][1]))), len(waiting)) if waiting else \
@@ -474,15 +471,15 @@ class Engine:
 
   def _group_inputs(self, group, targets, bucket: int, size: int):
     tokens = np.zeros((size, bucket), np.int32)
-    mask = np.zeros((size, bucket), np.int32)
+    lengths = np.ones((size,), np.int32)  # padding rows: one token, never read
     hashes = np.zeros((size,), np.int32)
     slots = np.full((size,), self.batch_size, np.int32)  # padding rows: out of bounds, dropped
     for row, ((example_id, ids), slot) in enumerate(zip(group, targets)):
-      tokens[row, bucket - len(ids):] = ids
-      mask[row, bucket - len(ids):] = 1
+      tokens[row, :len(ids)] = ids
+      lengths[row] = len(ids)
       hashes[row] = sampling.example_hash(example_id)
       slots[row] = slot
-    return [self._replicate(x) for x in (tokens, mask, hashes, slots)]
+    return [self._replicate(x) for x in (tokens, lengths, hashes, slots)]
 
   def _replicate(self, array: np.ndarray):
     if self.mesh is None:

@@ -2,9 +2,9 @@
 kernels JAX ships, for continuous batching on accelerators.
 
 A decode step's query of row r sees the contiguous cache slots [start[r], end[r]):
-start is the row's first real slot (after the prompt's left padding), or
-index - window + 1 for a sliding-window layer, whichever is later; end = index + 1
-(exclusive, as the kernel's `kv_seq_len`).
+start is 0 (every row's sequence starts at slot 0), or index - window + 1 for a
+sliding-window layer, whichever is later; end = index + 1 (exclusive, as the
+kernel's `kv_seq_len`): `decoder.visible_range`.
 
 Cache layouts (chosen once per backend, at trace time: `cache_layout()`):
   * "transposed" (CPU): keys (b, kv_heads, head_dim, L), values (b, kv_heads, L, head_dim),
@@ -21,12 +21,12 @@ same shapes: the layout is picked by the caller at trace time, and
 platform_dependent only chooses, within the kernel layout, between the Pallas GPU
 kernel (cuda) and the pure-jnp reference (cpu, tpu, others).
 
-Why not the TPU kernels: `ops.tpu.paged_attention` takes `lengths` (keys [0, len))
-and no start, no sm_scale and no sliding window; `ops.tpu.ragged_paged_attention`
-takes kv_lens (keys [0, len)), a sliding window and a soft cap, but no start either,
-and a combined cache (pages, page_size, 2 * kv_heads, head_dim) with K and V
-interleaved on the head axis. Neither can hide a row's left padding, so on TPU the
-kernel layout runs the reference (a block loop over the live rows' slot range).
+TPU runs the reference (a block loop over the live rows' slot range) for now:
+`ops.tpu.paged_attention` takes `lengths` (keys [0, len), which is what a row
+without a window sees) but wants its cache as pages (kv_heads, pages, page_size,
+head_dim) and no sm_scale; `ops.tpu.ragged_paged_attention` takes kv_lens, a sliding
+window and a soft cap, but a combined cache (pages, page_size, 2 * kv_heads, head_dim)
+with K and V interleaved on the head axis. Either needs a paged TPU cache layout.
 """
 
 from __future__ import annotations
@@ -204,15 +204,3 @@ def decode_attention(q, keys, values, start, end, *, scale: float, softcap: floa
   out = transposed_reference_decode_attention(q.reshape(shape[0], shape[-2], shape[-1]), keys, values,
                                               start, end, scale=scale, softcap=softcap)
   return out.reshape(shape)
-
-
-def visible_range(key_valid, index, window: int | None):
-  """(start, end) per row for a decode step from the cache's key_valid (b, L) and each row's
-  query slot index (b,) (its key already written): start = the row's first real slot (the
-  first True of key_valid: the prompt's left padding sits before it), raised to
-  index - window + 1 under a sliding window; end = index + 1. Assumes a row's real slots
-  are contiguous from its first to index (left padding only), as the decoder's caches are."""
-  first_real = jnp.argmax(key_valid, axis=1).astype(jnp.int32)
-  index = index.astype(jnp.int32)
-  start = first_real if window is None else jnp.maximum(first_real, index - window + 1)
-  return start, index + 1

@@ -11,6 +11,12 @@ Two entry points:
     preallocated `KVCache` whose shape is fixed by batch and maximum length.
 `prefill` joins the two: a forward pass whose keys/values become the cache.
 
+In a cache every row's sequence starts at slot 0: a prompt is prefilled
+right-padded, and its first decoded token overwrites the slot after its last
+prompt token. So a row's slot is its rope position, every slot before its write
+index holds a real token, and a decode step's visible keys are one range
+[0 or the window's start, index]: the per-row lengths that attention kernels take.
+
 Mixture-of-experts layers (qwen3_moe: `cfg.moe_layers`) swap the MLP for a
 `SparseMoeBlock`; how tokens reach their experts is in `moe.py`.
 """
@@ -38,7 +44,8 @@ _MASKED = float(np.finfo(np.float32).min)
 # that can hold a visible key: at step t of a batch whose cache is sized for
 # prompt + max_new_tokens (4096 by default), it reads about prompt + t slots, not
 # all of them (and a sliding-window layer about its window). Caches longer than
-# one block are sized in whole blocks (`cache_length`).
+# one block are sized in whole blocks (`cache_length`). In the TRANSPOSED layout
+# (CPU) each block is an array of its own (`cache_blocks`).
 DECODE_BLOCK = 256
 
 
@@ -83,6 +90,21 @@ def key_cache_shape(kv_heads: int, head_dim: int, entries: int, layout: str | No
   if (layout or cache_layout()) == attention_kernels.TRANSPOSED:
     return (kv_heads, head_dim, entries)
   return (kv_heads, entries, head_dim)
+
+
+def cache_blocks(entries: int, layout: str | None = None) -> tuple[int, ...]:
+  """The sizes of the arrays a layer's cache of `entries` slots is stored in.
+
+  In the TRANSPOSED layout (CPU), a cache of more than one whole DECODE_BLOCK is one array per
+  block: XLA:CPU copies any slice of an array out before it reduces over it (a dynamic slice, and a
+  static one alike), and that copy of every block read took more of a decode step than the
+  attention itself; a block that is an array of its own is read in place. Otherwise (the KERNEL
+  layout, which the kernels read as one array, or a short cache) one array.
+  """
+  if (layout or cache_layout()) == attention_kernels.TRANSPOSED and entries > DECODE_BLOCK \
+      and entries % DECODE_BLOCK == 0:
+    return (DECODE_BLOCK,) * (entries // DECODE_BLOCK)
+  return (entries,)
 
 
 def cache_length(slots_needed: int) -> int:
@@ -159,11 +181,11 @@ class Attention(nnx.Module):
 
     Without a cache, mask is (b, s, keys) bool and the keys/values are this
     sequence's. With a cache (a decode step, s == 1: keys and values of
-    max_len entries, in the `cache_layout()`), each row's new entries are
-    written at its own slot cache_index[row], and mask is a `StepMask`:
-    attention reads the cache, by blocks where it is long (`attend_step`), or,
-    in the KERNEL layout, through `attention_kernels` (the Pallas GPU kernel on
-    each row's own slot range).
+    max_len entries, in the `cache_layout()`, each a tuple of `cache_blocks`),
+    each row's new entries are written at its own slot cache_index[row], and
+    mask is a `StepMask`: attention reads the cache, by blocks where it is long
+    (`attend_step`), or, in the KERNEL layout, through `attention_kernels` (the
+    Pallas GPU kernel on each row's own slot range).
 
     Both layouts are heads-major so that attention reads the cache as stored
     (with (b, max_len, heads, d), XLA transposes the whole cache at every
@@ -194,26 +216,33 @@ class Attention(nnx.Module):
     if cache is None:
       out = attend(q, k, v, mask, scale, softcap, layout)
     else:  # one decode step: each row writes its key/value at its own slot, then reads its cache
-      slot = cache_index % cache[1].shape[2]  # a ring buffer (a sliding layer's) wraps around
-      k = write_slot(cache[0], k.astype(cache[0].dtype), slot, axis=attention_kernels.key_slot_axis(layout))
-      v = write_slot(cache[1], v.astype(cache[1].dtype), slot, axis=2)
+      slot = cache_index % sum(block.shape[2] for block in cache[1])  # a ring buffer (a sliding layer's) wraps
+      k = write_slot(cache[0], k, slot, axis=attention_kernels.key_slot_axis(layout))
+      v = write_slot(cache[1], v, slot, axis=2)
       if layout == attention_kernels.KERNEL and mask.ring is None:
         # Each row's visible slots are one range [start, stop): the kernel's per-row lengths.
         out = attention_kernels.kernel_layout_decode_attention(
-            q, k, v, mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL)
+            q, k[0], v[0], mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL)
       else:  # TRANSPOSED, or a ring buffer (its visible entries are no slot range once it has wrapped)
         out = attend_step(q, k, v, mask, scale, softcap, layout)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
 
-def write_slot(cache, new, index, axis: int):
-  """cache with each row's `new` entry (size 1 on `axis`) written at that row's own slot index[row]:
-  a scatter of one slot per row, so the cost does not grow with the cache length."""
-  def one_row(row_cache, row_new, i):
-    start = [0] * row_cache.ndim
-    start[axis - 1] = i
-    return jax.lax.dynamic_update_slice(row_cache, row_new, start)
-  return jax.vmap(one_row)(cache, new, index)
+def write_slot(blocks: tuple, new, slot, axis: int) -> tuple:
+  """A layer's cache (a tuple of `cache_blocks`, slots on `axis`) with each row's `new` entry (size 1
+  on `axis`) written at that row's own slot[row]: a scatter of one entry per row into the block
+  that holds its slot (the other blocks drop it), so the cost does not grow with the cache length."""
+  new = jnp.squeeze(new, axis)
+  rows = jnp.arange(new.shape[0])
+  written, first = [], 0
+  for block in blocks:
+    size = block.shape[axis]
+    inside = (slot >= first) & (slot < first + size)
+    where = [rows] + [slice(None)] * (block.ndim - 1)
+    where[axis] = jnp.where(inside, slot - first, size)  # past the block: dropped
+    written.append(block.at[tuple(where)].set(new.astype(block.dtype), mode="drop"))
+    first += size
+  return tuple(written)
 
 
 # A longer sequence (a long prompt's prefill) computes attention for this many queries at a time,
@@ -264,21 +293,20 @@ def _attend(q, k, v, mask, scale, softcap, layout: str):
 class StepMask(NamedTuple):
   """Which cache slots the one query of each row sees in a decode step (a layer's window included).
 
-  key_valid: (b, max_len) slots that hold real tokens; index: (b,) each row's
-  query slot; window: the layer's sliding window or None; ring: the length of
+  index: (b,) each row's query slot (every slot before it holds one of the row's
+  tokens); window: the layer's sliding window or None; ring: the length of
   the layer's ring-buffer cache, or None when its cache holds every slot;
   first, end: the DECODE_BLOCKs [first, end) of the layer's cache that a step
   reads, the union over the live rows of the blocks that can hold a key visible
   to them (`step_block_range`). start, stop: (b,) in the KERNEL layout, for a
-  layer without a ring, each row sees the slots [start, stop)
-  (`attention_kernels.visible_range`; empty for rows that are not live); else None.
+  layer without a ring, each row sees the slots [start, stop) (`visible_range`;
+  empty for rows that are not live); else None.
 
   A sliding layer whose window is shorter than the cache keeps a ring buffer of
   `window` entries: slot s is stored at s % window, so the entries hold exactly
   the last `window` slots up to the query's (the window itself).
   """
 
-  key_valid: jax.Array
   index: jax.Array
   window: int | None
   ring: int | None
@@ -292,14 +320,19 @@ class StepMask(NamedTuple):
     entries = start + jnp.arange(size)
     if self.ring is not None:
       # The slot an entry holds: the latest slot <= index that maps to it (negative: none yet).
-      slots = self.index[:, None] - (self.index[:, None] - entries[None, :]) % self.ring
-      seen = jnp.take_along_axis(self.key_valid, jnp.maximum(slots, 0), axis=1)
-      return seen & (slots >= 0)
-    seen = jax.lax.dynamic_slice_in_dim(self.key_valid, start, size, axis=1)
-    seen &= entries[None, :] <= self.index[:, None]
+      return self.index[:, None] - (self.index[:, None] - entries[None, :]) % self.ring >= 0
+    seen = entries[None, :] <= self.index[:, None]
     if self.window is not None:
       seen &= entries[None, :] > self.index[:, None] - self.window
     return seen
+
+
+def visible_range(index, window: int | None):
+  """(start, stop) per row: the slots [start, stop) that a decode step's query at slot index (b,) sees,
+  its own key already written: from slot 0, or the window's first slot, to index."""
+  index = index.astype(jnp.int32)
+  start = jnp.zeros_like(index) if window is None else jnp.maximum(index - window + 1, 0)
+  return start, index + 1
 
 
 def step_block_range(index, window: int | None, live=None, ring: int | None = None):
@@ -319,58 +352,64 @@ def step_block_range(index, window: int | None, live=None, ring: int | None = No
   return jnp.minimum(first, end), end
 
 
-def attend_step(q, k, v, mask: StepMask, scale, softcap, layout: str = attention_kernels.TRANSPOSED):
+def attend_step(q, k: tuple, v: tuple, mask: StepMask, scale, softcap, layout: str = attention_kernels.TRANSPOSED):
   """attend() for a decode step (one query per row) against the whole cache.
 
-  A cache of one block (or not a whole number of blocks) is read whole. A longer
-  one is read block by block over [mask.first, mask.end) only, with the softmax
-  run online (a running maximum and sum, as in flash attention). A row's result
-  does not depend on that range: a block with no key visible to the row leaves its
-  running values exactly as they were (exp of the masked score underflows to 0, or,
-  before the row's first visible block, is scaled to exactly 0 when that block comes),
-  so neighbours that widen the range change no bit of it, and a step's cost follows
-  the live rows' lengths, not the allocated cache length.
-  q: (b,1,h,d); v: (b,kv,t,d); k: (b,kv,d,t) in the TRANSPOSED layout, (b,kv,t,d) in the
-  KERNEL layout (there only for ring buffers: the other layers run attention_kernels).
+  k, v: a layer's cache as a tuple of `cache_blocks`. A cache of one block (or not a
+  whole number of blocks) is read whole. A longer one is read block by block over
+  [mask.first, mask.end) only, with the softmax run online (a running maximum and sum,
+  as in flash attention). A row's result does not depend on that range: a block with
+  no key visible to the row leaves its running values exactly as they were (exp of the
+  masked score underflows to 0, or, before the row's first visible block, is scaled to
+  exactly 0 when that block comes), so neighbours that widen the range change no bit
+  of it, and a step's cost follows the live rows' lengths, not the allocated cache length.
+  q: (b,1,h,d); value blocks: (b,kv,t,d); key blocks: (b,kv,d,t) in the TRANSPOSED layout,
+  (b,kv,t,d) in the KERNEL layout (there only for ring buffers: the other layers run
+  attention_kernels).
   """
-  slots = v.shape[2]
-  if slots <= DECODE_BLOCK or slots % DECODE_BLOCK:
-    return attend(q, k, v, mask.visible(0, slots)[:, None, :], scale, softcap, layout)
   kernel_layout = layout == attention_kernels.KERNEL
   key_axis = attention_kernels.key_slot_axis(layout)
+  slots = sum(block.shape[2] for block in v)
+  if len(v) == 1 and (slots <= DECODE_BLOCK or slots % DECODE_BLOCK):
+    return attend(q, k[0], v[0], mask.visible(0, slots)[:, None, :], scale, softcap, layout)
+  if len(v) == 1:  # one long array (a KERNEL-layout ring): static slices, which XLA:GPU/TPU fuse
+    k = tuple(jax.lax.slice_in_dim(k[0], i, i + DECODE_BLOCK, axis=key_axis) for i in range(0, slots, DECODE_BLOCK))
+    v = tuple(jax.lax.slice_in_dim(v[0], i, i + DECODE_BLOCK, axis=2) for i in range(0, slots, DECODE_BLOCK))
   b, _, h, d = q.shape
-  kv_heads = k.shape[1]
+  kv_heads = k[0].shape[1]
   q = q.reshape(b, kv_heads, h // kv_heads, d).astype(jnp.float32)
 
-  def one_block(block, carry):
-    top, total, out = carry  # running max and sum of exp(score - max), and the weighted values
-    start = block * DECODE_BLOCK
-    keys = jax.lax.dynamic_slice_in_dim(k, start, DECODE_BLOCK, axis=key_axis).astype(jnp.float32)
-    values = jax.lax.dynamic_slice_in_dim(v, start, DECODE_BLOCK, axis=2).astype(jnp.float32)
-    if kernel_layout:
-      scores = jnp.einsum("bkgd,bktd->bkgt", q, keys) * scale
-    else:
-      scores = jnp.sum(q[..., None] * keys[:, :, None], axis=-2) * scale  # (b, kv, g, block)
-    if softcap:
-      scores = jnp.tanh(scores / softcap) * softcap
-    scores = jnp.where(mask.visible(start, DECODE_BLOCK)[:, None, None, :], scores, _MASKED)
-    new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
-    # Weights given while every key so far was masked are scaled to exactly 0 here once a
-    # visible key arrives; the block of a row's query always has one (the new token's own).
-    rescale = jnp.exp(top - new_top)
-    probs = jnp.exp(scores - new_top[..., None])
-    total = total * rescale + jnp.sum(probs, axis=-1)
-    if kernel_layout:
-      weighted = jnp.einsum("bkgt,bktd->bkgd", probs, values)
-    else:
-      weighted = jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
-    out = out * rescale[..., None] + weighted
-    return new_top, total, out
+  def block_update(block: int):
+    def update(carry):
+      top, total, out = carry  # running max and sum of exp(score - max), and the weighted values
+      keys, values = k[block].astype(jnp.float32), v[block].astype(jnp.float32)
+      if kernel_layout:
+        scores = jnp.einsum("bkgd,bktd->bkgt", q, keys) * scale
+      else:
+        scores = jnp.sum(q[..., None] * keys[:, :, None], axis=-2) * scale  # (b, kv, g, block)
+      if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+      scores = jnp.where(mask.visible(block * DECODE_BLOCK, DECODE_BLOCK)[:, None, None, :], scores, _MASKED)
+      new_top = jnp.maximum(top, jnp.max(scores, axis=-1))
+      # Weights given while every key so far was masked are scaled to exactly 0 here once a
+      # visible key arrives; the block of a row's query always has one (the new token's own).
+      rescale = jnp.exp(top - new_top)
+      probs = jnp.exp(scores - new_top[..., None])
+      total = total * rescale + jnp.sum(probs, axis=-1)
+      if kernel_layout:
+        weighted = jnp.einsum("bkgt,bktd->bkgd", probs, values)
+      else:
+        weighted = jnp.sum(probs[..., None] * values[:, :, None], axis=-2)
+      out = out * rescale[..., None] + weighted
+      return new_top, total, out
+    return update
 
+  # Block i by a switch among the blocks, each its own array: no block is copied out to be read.
+  updates = [block_update(block) for block in range(len(v))]
   init = (jnp.full(q.shape[:-1], _MASKED, jnp.float32), jnp.zeros(q.shape[:-1], jnp.float32),
           jnp.zeros(q.shape, jnp.float32))
-  _, total, out = jax.lax.fori_loop(mask.first, mask.end, one_block, init)
-  return (out / total[..., None]).astype(v.dtype).reshape(b, 1, h, d)
+  _, total, out = jax.lax.fori_loop(mask.first, mask.end, lambda i, carry: jax.lax.switch(i, updates, carry), init)
+  return (out / total[..., None]).astype(v[0].dtype).reshape(b, 1, h, d)
 
 
 class MLP(nnx.Module):
@@ -519,26 +558,26 @@ class Decoder(nnx.Module):
       masks = {window: mask & same_segment for window, mask in masks.items()}
     return self._layers(tokens, positions, [masks[self.cfg.window_for(i)] for i in range(self.cfg.num_layers)])
 
-  def step(self, tokens, positions, cache_index, key_valid, caches, live=None):
-    """One decode step: tokens, positions, cache_index: (b,), each row's own; key_valid: (b, max_len)
-    with the new slots set; caches: per layer (keys, values). live: (b,) rows whose results are used
-    (None: all); only they decide which cache blocks the step reads."""
+  def step(self, tokens, cache_index, caches, live=None):
+    """One decode step: tokens, cache_index: (b,), each row's own (its slot is its rope position);
+    caches: per layer (keys, values), each a tuple of `cache_blocks`. live: (b,) rows whose results
+    are used (None: all); only they decide which cache blocks the step reads."""
     kernel_layout = cache_layout() == attention_kernels.KERNEL
     masks = []
     for i, (_, values) in enumerate(caches):
       window = self.cfg.window_for(i)
-      entries = values.shape[2]
-      ring = entries if entries < key_valid.shape[-1] else None
+      # A sliding layer's cache of exactly its window is a ring (`layer_cache_length`); were the window
+      # the whole cache, it would never wrap, and the ring's rule still gives the window's keys.
+      entries = sum(block.shape[2] for block in values)
+      ring = entries if entries == window else None
       first, end = step_block_range(cache_index, window, live, ring)
       start = stop = None
       if kernel_layout and ring is None:
-        # A row's first real slot from key_valid (its left padding comes before it): no extra
-        # state, O(b * max_len) bools per step, shared by the layers (XLA keeps one argmax).
-        start, stop = attention_kernels.visible_range(key_valid, cache_index, window)
+        start, stop = visible_range(cache_index, window)
         if live is not None:  # rows not live read nothing (their output, 0s, is not used)
           start = jnp.where(live, start, stop)
-      masks.append(StepMask(key_valid, cache_index, window, ring, first, end, start, stop))
-    return self._layers(tokens[:, None], positions[:, None], masks, caches, cache_index)
+      masks.append(StepMask(cache_index, window, ring, first, end, start, stop))
+    return self._layers(tokens[:, None], cache_index[:, None], masks, caches, cache_index)
 
   def _windows(self):
     return {self.cfg.window_for(i) for i in range(self.cfg.num_layers)}
@@ -589,22 +628,18 @@ def positions_from_mask(attention_mask):
 class KVCache(NamedTuple):
   """Static-shape cache of every layer's keys/values, one row per sequence, each row on its own clock.
 
-  keys: per layer (b, kv_heads, head_dim, entries) in the TRANSPOSED layout
-  (CPU), (b, kv_heads, entries, head_dim) in the KERNEL layout (GPU, TPU):
-  `cache_layout()`, see Attention; values: per layer (b, kv_heads, entries,
-  head_dim); entries is
-  max_len, or a sliding layer's window when that is shorter (a ring buffer:
-  `layer_cache_length`). key_valid:
-  (b, max_len) marks slots that hold real tokens (left padding stays False).
-  next_position: (b,) rope position of each row's next token. index: (b,) the
-  slot each row's next token is written to: rows of a continuous batch joined
-  at different times, so each has its own.
+  keys: per layer, a tuple of arrays (`cache_blocks`) that together are (b, kv_heads,
+  head_dim, entries) in the TRANSPOSED layout (CPU), (b, kv_heads, entries, head_dim)
+  in the KERNEL layout (GPU, TPU): `cache_layout()`, see Attention; values: per layer,
+  blocks of (b, kv_heads, entries, head_dim). entries is max_len, or a sliding
+  layer's window when that is shorter (a ring buffer: `layer_cache_length`).
+  index: (b,) the slot each row's next token is written to, which is also its rope
+  position: every row's sequence starts at slot 0 (rows of a continuous batch
+  joined at different times, so each has its own).
   """
 
   keys: tuple
   values: tuple
-  key_valid: jax.Array
-  next_position: jax.Array
   index: jax.Array
 
 
@@ -621,22 +656,37 @@ def _forward_hidden(model, tokens, attention_mask):
   return model(tokens, positions, query_slots, attention_mask)
 
 
-def prefill(model: Decoder, tokens, attention_mask, max_len: int, cache_dtype=None):
-  """Runs the left-padded prompts; returns (float32 logits of the last slot (b, vocab), KVCache of length
-  max_len whose every row continues at slot s, the padded prompt length)."""
+def prefill(model: Decoder, tokens, lengths, max_len: int, cache_dtype=None):
+  """Runs right-padded prompts (tokens (b, s): row r's prompt in slots [0, lengths[r])); returns
+  (float32 logits after each row's last prompt token (b, vocab), KVCache of length max_len whose
+  row r continues at slot lengths[r]). The padding's keys sit past each prompt, where the row's
+  next tokens overwrite them before any query can see them."""
   b, s = tokens.shape
   if s > max_len:
     raise ValueError(f"prompt length {s} exceeds the cache length {max_len}")
-  hidden, kv = _forward_hidden(model, tokens, attention_mask)
-  logits = model.logits(hidden[:, -1])
+  lengths = lengths.astype(jnp.int32)
+  slots = jnp.arange(s)
+  hidden, kv = model(tokens, jnp.broadcast_to(slots, (b, s)), slots, slots[None, :] < lengths[:, None])
+  last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   dtype = cache_dtype or hidden.dtype
-  lengths = [layer_cache_length(model.cfg, i, max_len) for i in range(len(kv))]
   key_axis = attention_kernels.key_slot_axis(cache_layout())
-  keys = tuple(_cache_entries(k.astype(dtype), n, axis=key_axis) for (k, _), n in zip(kv, lengths))
-  values = tuple(_cache_entries(v.astype(dtype), n, axis=2) for (_, v), n in zip(kv, lengths))
-  key_valid = jnp.pad(attention_mask.astype(bool), ((0, 0), (0, max_len - s)))
-  next_position = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
-  return logits, KVCache(keys, values, key_valid, next_position, jnp.full((b,), s, jnp.int32))
+
+  def layer_cache(x, entries: int, axis: int):
+    return _split(_cache_entries(x.astype(dtype), entries, lengths, axis), axis)
+
+  lengths_per_layer = [layer_cache_length(model.cfg, i, max_len) for i in range(len(kv))]
+  keys = tuple(layer_cache(k, n, key_axis) for (k, _), n in zip(kv, lengths_per_layer))
+  values = tuple(layer_cache(v, n, 2) for (_, v), n in zip(kv, lengths_per_layer))
+  return model.logits(last), KVCache(keys, values, lengths)
+
+
+def _split(x, axis: int) -> tuple:
+  """A layer's cache array as its `cache_blocks`."""
+  blocks, first = [], 0
+  for size in cache_blocks(x.shape[axis]):
+    blocks.append(jax.lax.slice_in_dim(x, first, first + size, axis=axis))
+    first += size
+  return tuple(blocks)
 
 
 def layer_cache_length(cfg, layer_index: int, max_len: int) -> int:
@@ -646,30 +696,31 @@ def layer_cache_length(cfg, layer_index: int, max_len: int) -> int:
   return window if window is not None and window < max_len else max_len
 
 
-def _cache_entries(x, entries: int, axis: int):
-  """A prompt's keys or values (s slots on `axis`) as a cache of `entries`: padded after the prompt,
-  or, for a ring buffer shorter than the prompt, its last `entries` slots, slot t at t % entries."""
+def _cache_entries(x, entries: int, lengths, axis: int):
+  """A prompt's keys or values (s slots on `axis`, row r's prompt in [0, lengths[r])) as a cache of
+  `entries`: padded after the prompt, or, for a ring buffer shorter than the prompt, entry e holding
+  the row's latest prompt slot t with t % entries == e (a slot before 0 where there is none yet:
+  its entry is never visible)."""
   s = x.shape[axis]
   if s <= entries:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, entries - s)
     return jnp.pad(x, pad)
-  last = jax.lax.slice_in_dim(x, s - entries, s, axis=axis)
-  return jnp.roll(last, s % entries, axis=axis)
+  last = (lengths - 1)[:, None]
+  held = last - (last - jnp.arange(entries)[None, :]) % entries  # (b, entries)
+  shape = [x.shape[0]] + [1] * (x.ndim - 1)
+  shape[axis] = entries
+  return jnp.take_along_axis(x, jnp.maximum(held, 0).reshape(shape), axis=axis)
 
 
 def decode_step(model: Decoder, tokens, cache: KVCache, live=None):
   """Appends one token per row (tokens: (b,)); returns (float32 logits (b, vocab), updated cache).
 
   live: optional (b,) bool, the rows being decoded; the others (finished rows,
-  empty slots of a continuous batch) stay where they are: their cache index and
-  position do not move and they do not widen the cache blocks a step reads.
+  empty slots of a continuous batch) stay where they are: their cache index does
+  not move and they do not widen the cache blocks a step reads.
   """
-  index = cache.index
-  key_valid = write_slot(cache.key_valid[:, None], jnp.ones((tokens.shape[0], 1, 1), bool), index, axis=2)[:, 0]
-  hidden, kv = model.step(tokens, cache.next_position, index, key_valid, list(zip(cache.keys, cache.values)), live)
+  hidden, kv = model.step(tokens, cache.index, list(zip(cache.keys, cache.values)), live)
   advance = 1 if live is None else live.astype(jnp.int32)
-  new_cache = KVCache(
-      keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv), key_valid=key_valid,
-      next_position=cache.next_position + advance, index=index + advance)
+  new_cache = KVCache(keys=tuple(k for k, _ in kv), values=tuple(v for _, v in kv), index=cache.index + advance)
   return model.logits(hidden[:, 0]), new_cache
