@@ -22,7 +22,9 @@ setup(
         "transformers>=4.56",
         "orbax-checkpoint",
         "tensorflow-datasets",
-        "tensorflow-cpu",
+        "tensorflow-cpu",  # TFDS read-back (codit-train, codit-report) and gs://; codit-generate writes without it
+        "etils[epath]",  # epath: codit-generate's file operations, os calls locally (a TFDS dependency too)
+        "google-crc32c",  # the TFRecord checksums of codit-generate's shards, a C extension
         "absl-py",
         "safetensors",
         "ml_collections",

@@ -2,10 +2,13 @@
 
 `quiet_environment()` runs from codit_jax/__init__.py, so before TensorFlow,
 absl, JAX or transformers are imported by anything of ours: the variables they
-read at import time must be set by then, and in our two programs TensorFlow is
-imported right there, with its native start-up lines dropped. Every setting is a
-default (os.environ.setdefault), so a user's own TF_CPP_MIN_LOG_LEVEL or
-JAX_PLATFORMS wins, and `--verbosity=N` on the command line turns all of it off.
+read at import time must be set by then, and in codit-train TensorFlow is
+imported right there, with its native start-up lines dropped. codit-generate
+does not import TensorFlow at all (seconds of start-up) unless it reads TFDS
+prompts or writes to gs://; those paths call import_tensorflow_quietly() first.
+Every setting is a default (os.environ.setdefault), so a user's own
+TF_CPP_MIN_LOG_LEVEL or JAX_PLATFORMS wins, and `--verbosity=N` on the command
+line turns all of it off.
 
 `run_app(main, ...)` is the console entry point of both programs: it prints the
 program's --help and exits 0, and turns what a user can act on (a CoditError, a
@@ -31,6 +34,8 @@ _VERBOSITY_FLAGS = ("verbosity", "v")  # absl's --verbosity and its short name
 # Module -> console script.
 _PROGRAMS = {"codit_jax.generate": "codit-generate", "codit_jax.train": "codit-train",
              "codit_jax.train.app": "codit-train"}
+# The programs that always import TensorFlow (codit-train reads its data with TFDS's tf.data).
+_TENSORFLOW_PROGRAMS = frozenset({"codit-train"})
 _HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 
 # Known-harmless lines, matched by their exact text so that any other warning still shows.
@@ -81,18 +86,19 @@ def quiet_environment(argv: Sequence[str] | None = None) -> None:
     # Otherwise JAX probes for libtpu.so and logs "Unable to initialize backend 'tpu'".
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
   std_logging.getLogger("transformers").addFilter(_DropExact({_TRANSFORMERS_NO_TORCH}))
-  if _is_our_program():
-    # Both programs import TensorFlow anyway (codit-generate at once, through TFDS); importing it
-    # here is what keeps its native start-up lines off the console.
+  if _our_program() in _TENSORFLOW_PROGRAMS:
+    # It imports TensorFlow anyway; importing it here is what keeps its native start-up lines off
+    # the console.
     import_tensorflow_quietly()
 
 
-def _is_our_program() -> bool:
-  """True in codit-generate / codit-train, run as console scripts or with python -m."""
+def _our_program() -> str | None:
+  """The program's name (codit-generate, codit-train) when run as its console script or with python -m;
+  None otherwise."""
   if os.path.basename(sys.argv[0]) in _PROGRAMS.values():
-    return True
+    return os.path.basename(sys.argv[0])
   orig = getattr(sys, "orig_argv", [])
-  return any(a == "-m" and b in _PROGRAMS for a, b in zip(orig, orig[1:]))
+  return next((_PROGRAMS[b] for a, b in zip(orig, orig[1:]) if a == "-m" and b in _PROGRAMS), None)
 
 
 def _only_cpu_possible() -> bool:
@@ -194,7 +200,8 @@ def run_app(main: Callable[[list[str]], None], program: str, help_text: str, key
     if not full_logs:
       logging.get_absl_handler().addFilter(_ConsoleFilter())
     _check_config_loaded()
-    import_tensorflow_quietly()  # codit-train reads its data with TFDS, which imports TensorFlow late
+    if program in _TENSORFLOW_PROGRAMS:
+      import_tensorflow_quietly()  # codit-train reads its data with TFDS, which imports TensorFlow late
     main(argv)
 
   try:

@@ -505,3 +505,20 @@ def test_console_script_installed():
     pytest.skip("the package is not installed (pip install -e .), so there is no console script")
   run = subprocess.run([str(script), "--helpfull"], capture_output=True, text=True, timeout=300)
   assert "USAGE" in run.stdout and "--config" in run.stdout and "--coordinator_address" in run.stdout  # absl help exits 1
+
+
+def test_a_local_run_imports_neither_tensorflow_nor_keras(tmp_path):
+  """TensorFlow (and keras, which it imports) are seconds of start-up that a local output_dir does not
+  need: the whole run, as the console script starts it (codit_jax/__init__'s start-up included), without."""
+  prompts_file = _write_prompts(tmp_path / "seed.jsonl", 5)
+  settings = _overrides(tmp_path, prompts=str(prompts_file), write_jsonl=True, write_parquet=True)
+  script = ("import atexit, sys; sys.argv[0] = 'codit-generate'; "
+            "atexit.register(lambda: print('loaded:', sorted({'tensorflow', 'keras'} & set(sys.modules)))); "
+            "from codit_jax.generate import run; run()")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  result = subprocess.run([sys.executable, "-c", script, f"--config={DEFAULT_CONFIG}", *_flags(settings)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr
+  assert f"codit-generate: wrote 5 rows to {settings['output_dir']}" in result.stdout, result.stdout
+  assert "loaded: []" in result.stdout, result.stdout
+  assert sorted(_records(settings["output_dir"])) == [f"p{i}" for i in range(5)]  # and TFDS reads it back

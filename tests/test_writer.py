@@ -125,7 +125,7 @@ class Killer:
 
   def __init__(self, monkeypatch, at: int):
     self.at, self.calls = at, 0
-    real_gfile, real_records, real_rename = tf.io.gfile.GFile, tf.io.TFRecordWriter, tf.io.gfile.rename
+    real_open, real_replace = writer._open, writer._replace  # every file the writer writes or renames
 
     def count():
       self.calls += 1
@@ -149,25 +149,20 @@ class Killer:
       def __exit__(self, *args):
         self.f.close()
 
-    def gfile(path, mode="r"):
+    def open_(path, mode):
       if not count():
-        return real_gfile(path, mode)
+        return real_open(path, mode)
       if "w" in mode:
-        return HalfWritten(real_gfile(path, mode))
+        return HalfWritten(real_open(path, mode))
       raise Killed()  # before a read
 
-    def records(path, *args):
-      r = real_records(path, *args)
-      return HalfWritten(r) if count() else r
-
-    def rename(*args, **kwargs):
+    def replace(source, target):
       if count():
         raise Killed()
-      return real_rename(*args, **kwargs)
+      return real_replace(source, target)
 
-    monkeypatch.setattr(tf.io.gfile, "GFile", gfile)
-    monkeypatch.setattr(tf.io, "TFRecordWriter", records)
-    monkeypatch.setattr(tf.io.gfile, "rename", rename)
+    monkeypatch.setattr(writer, "_open", open_)
+    monkeypatch.setattr(writer, "_replace", replace)
 
 
 OUTPUTS = dict(write_jsonl=True, write_parquet=True)
@@ -253,6 +248,7 @@ def test_zero_rows_is_an_empty_dataset_and_can_grow(tmp_path):
   assert w.finished() == {}
   assert w.finish({}, "") == 0
   assert not read_ids(folder)
+  assert not list(writer.read_fields(str(folder), ["id"]))
   assert not jsonl_ids(folder)
   resumed = new_writer(folder, **OUTPUTS)
   add(resumed, [1, 2])
@@ -273,6 +269,56 @@ def test_codit_logprobs_and_every_feature_read_back_through_tfds(tmp_path):
     for key in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
       np.testing.assert_allclose(got[key], want[key], rtol=1e-6)
       assert got[key].dtype == np.float32
+
+
+def test_shards_are_byte_for_byte_what_tf_record_writer_writes(tmp_path):
+  folder = tmp_path / "out"
+  w = new_writer(folder, rows_per_shard=3)
+  w.claim()
+  add(w, range(7))
+  w.finish({}, "")
+  shards = sorted(folder.glob("codit-train.tfrecord-*"))
+  assert len(shards) == 3
+  for shard in shards:
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]  # TF's reader checks both CRCs
+    reference = tmp_path / "reference.tfrecord"
+    with tf.io.TFRecordWriter(str(reference)) as f:
+      for record in records:
+        f.write(record)
+    assert shard.read_bytes() == reference.read_bytes()
+    assert list(writer._read_tfrecord(str(shard))) == records  # pylint: disable=protected-access
+  # And the records are TFDS's: its read-back (tf.data) and ours (without TF) give the same examples.
+  tfds_examples = list(writer.read_examples(str(folder)))
+  ours = list(writer.read_fields(str(folder), sorted(writer.features().keys())))
+  assert [e["id"] for e in tfds_examples] == [e["id"] for e in ours] == [f"ex{i:03d}" for i in range(7)]
+  for got, mine in zip(tfds_examples, ours):
+    assert got.keys() == mine.keys()
+    for key, value in got.items():
+      np.testing.assert_array_equal(value, mine[key])
+      assert np.asarray(value).dtype == np.asarray(mine[key]).dtype, key
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1, 0, 7], [1 << 20, 3]])
+def test_tfrecord_framing_equals_tensorflow(tmp_path, sizes):
+  rng = np.random.default_rng(len(sizes))
+  records = [rng.bytes(n) for n in sizes]
+  ours, theirs = tmp_path / "ours.tfrecord", tmp_path / "theirs.tfrecord"
+  assert writer._write_tfrecord(str(ours), records) == sum(16 + n for n in sizes)  # pylint: disable=protected-access
+  with tf.io.TFRecordWriter(str(theirs)) as f:
+    for record in records:
+      f.write(record)
+  assert ours.read_bytes() == theirs.read_bytes()
+  assert list(writer._read_tfrecord(str(theirs))) == records  # pylint: disable=protected-access
+
+
+def test_a_changed_or_cut_tfrecord_is_refused_when_read(tmp_path):
+  path = tmp_path / "a.tfrecord"
+  writer._write_tfrecord(str(path), [b"first", b"second"])  # pylint: disable=protected-access
+  whole = path.read_bytes()
+  for broken in (whole[:-1], whole[:-30], whole[:5], whole[:8] + b"x" + whole[9:], whole.replace(b"second", b"secund")):
+    path.write_bytes(broken)
+    with pytest.raises(CoditError, match="is not a whole TFRecord file"):
+      list(writer._read_tfrecord(str(path)))  # pylint: disable=protected-access
 
 
 def test_jsonl_is_the_authors_record(tmp_path):
@@ -396,6 +442,22 @@ def test_a_folder_of_other_files_is_refused_even_with_force(tmp_path):
   assert all_files(folder) == {"a.jpg", "b.jpg", "c.jpg", "d.jpg"}
 
 
+def test_a_folder_of_editor_backups_is_not_empty(tmp_path):
+  # etils' listdir hides names ending in "~"; the writer must still see them as the user's files.
+  folder = tmp_path / "notes"
+  folder.mkdir()
+  (folder / "draft.txt~").write_text("mine")
+  with pytest.raises(CoditError, match=r"not empty and holds no codit-generate dataset \(it has draft.txt~\)"):
+    new_writer(folder).claim(force=True)
+  assert all_files(folder) == {"draft.txt~"}
+  # Nor is parts/ deleted as empty when such a file is all that --force leaves in it.
+  folder = tmp_path / "out"
+  make_dataset(folder)
+  (folder / "parts" / "draft.txt~").write_text("mine")
+  new_writer(folder, dict(SETTINGS, alpha=0.1)).claim(force=True)
+  assert all_files(folder) == {"parts/draft.txt~", "run.json"}
+
+
 def test_project_files_without_run_json_need_force(tmp_path):
   folder = tmp_path / "out"
   make_dataset(folder)
@@ -435,13 +497,13 @@ def test_an_unwritable_location(tmp_path, monkeypatch):
   def read_only(*args, **kwargs):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(args[0]))
 
-  monkeypatch.setattr(tf.io.gfile, "GFile", read_only)
+  monkeypatch.setattr(writer, "_open", read_only)
   with pytest.raises(CoditError, match=r"cannot be written \(Read-only file system\)"):
     new_writer(tmp_path / "out").claim()
   monkeypatch.undo()
   w = new_writer(tmp_path / "out")
   w.claim()
   add(w, [1])
-  monkeypatch.setattr(tf.io, "TFRecordWriter", read_only)  # the disk turns read-only mid-run
+  monkeypatch.setattr(writer, "_open", read_only)  # the disk turns read-only mid-run: the TFRecord first
   with pytest.raises(CoditError, match=r"error in output_dir .* \(a read-only file system\): Read-only"):
     w.flush()

@@ -39,6 +39,7 @@ from typing import Any
 
 from absl import logging
 
+from codit_jax import runtime
 from codit_jax.errors import CoditError
 
 FORMATS = ("jsonl", "json", "parquet", "tfds")
@@ -267,6 +268,7 @@ def _parquet_records(path: Path, fields: FieldMap) -> Iterator[tuple[int, Any]]:
 def _tfds_records(source: str, fields: FieldMap, split: str,
                   data_dir: str | None) -> Iterator[tuple[int, Any]]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top  (only for TFDS inputs)
+  runtime.import_tensorflow_quietly()  # TFDS reads through tf.data; codit-generate has not loaded TF
   builder = _tfds_builder(tfds, source, data_dir)
   if split not in builder.info.splits:
     raise CoditError(

@@ -7,7 +7,8 @@ for the ids already written and decodes only the rest. At the end process 0
 calls `finish()`, which turns the folder into a TFDS dataset over every shard
 written so far, by any process and any earlier run.
 
-Layout of `output_dir` (all files go through tf.io.gfile: a local folder or gs://):
+Layout of `output_dir` (all files go through etils.epath: a local folder, with plain os calls, so
+that a local run never imports TensorFlow; or gs://, through tf.io.gfile):
 
     run.json                            the settings that decide the dataset (resume guard)
     parts/<part>.tfrecord               a shard's records, until finish() gives it its TFDS name
@@ -58,14 +59,18 @@ import json
 import os
 import posixpath
 import re
+import struct
+import sys
 import time
 import uuid
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
+import google_crc32c
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
+import tensorflow_datasets as tfds  # imports without TensorFlow; only its read-back (tf.data) needs TF
+from etils import epath
 
+from codit_jax import runtime
 from codit_jax.errors import CoditError
 
 DATASET_NAME = "codit"
@@ -161,6 +166,9 @@ class DatasetWriter:
     if rows_per_shard < 1:
       raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
     self.output_dir = output_dir.rstrip("/") or "/"
+    if "://" in self.output_dir:
+      # etils reaches gs:// through tf.io.gfile: import TF now, without its native start-up lines.
+      runtime.import_tensorflow_quietly()
     self.run_settings = dict(run_settings)
     self.process_index = process_index
     self.num_processes = num_processes
@@ -187,15 +195,15 @@ class DatasetWriter:
     other settings. Never a folder of other files, with or without force.
     """
     with _as_codit_error(self.output_dir):
-      if not tf.io.gfile.exists(self.output_dir):
+      if not _exists(self.output_dir):
         # gs:// has no folders: probe under the prefix itself, not in the bucket's root.
         self._check_writable(self.output_dir if "://" in self.output_dir
                              else _nearest_existing(self.output_dir))
         return
-      if not tf.io.gfile.isdir(self.output_dir):
+      if not _isdir(self.output_dir):
         raise CoditError(f"output_dir {self.output_dir} is an existing file, not a folder. Choose an "
                          "empty or new folder.")
-      names = [n.rstrip("/") for n in tf.io.gfile.listdir(self.output_dir)]
+      names = _listdir(self.output_dir)
       ours = self._project_files()
       if names and not ours:
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
@@ -226,19 +234,19 @@ class DatasetWriter:
     """
     self.check_claimable(force)
     with _as_codit_error(self.output_dir):
-      if tf.io.gfile.exists(self.output_dir):
+      if _exists(self.output_dir):
         previous = self._previous_settings()
         if (previous != self.run_settings or (force and restart)) and self._project_files():
           self._delete_project_files()
         elif previous == self.run_settings:
           return
-      tf.io.gfile.makedirs(self._path(PARTS_DIR))
+      _makedirs(self._path(PARTS_DIR))
       _write_atomically(self._path(RUN_FILE),
                         json.dumps(self.run_settings, indent=2, sort_keys=True) + "\n")
 
   def _previous_settings(self) -> dict | None:
     run_file = self._path(RUN_FILE)
-    if not tf.io.gfile.exists(run_file):
+    if not _exists(run_file):
       return None
     try:
       return json.loads(_read_text(run_file))
@@ -250,10 +258,10 @@ class DatasetWriter:
     """Writes and removes a probe file: the only reliable test (root ignores permissions)."""
     probe = posixpath.join(folder, f".codit-probe{_TMP}{uuid.uuid4().hex}")
     try:
-      with tf.io.gfile.GFile(probe, "w") as f:
+      with _open(probe, "w") as f:
         f.write("")
-      tf.io.gfile.remove(probe)
-    except (OSError, tf.errors.OpError) as e:
+      _remove(probe)
+    except _file_errors() as e:
       raise CoditError(f"output_dir {self.output_dir} cannot be written ({_reason(e)}): a read-only "
                        "file system or no permission. Choose a writable folder.") from None
 
@@ -278,11 +286,11 @@ class DatasetWriter:
 
   def _delete_project_files(self) -> None:
     for relative in self._project_files():
-      tf.io.gfile.remove(self._path(relative))
+      _remove(self._path(relative))
     for folder in (PARTS_DIR, PARQUET_DIR, LEGACY_JSONL_DIR):  # only if nothing of the user's is inside
       path = self._path(folder)
-      if tf.io.gfile.isdir(path) and not tf.io.gfile.listdir(path):
-        tf.io.gfile.rmtree(path)
+      if _isdir(path) and not _listdir(path):
+        epath.Path(path).rmtree()
 
   # Writing rows.
 
@@ -338,18 +346,15 @@ class DatasetWriter:
     name = f"{self._run_token}-{self._parts_written:05d}"
     self._parts_written += 1
     with _as_codit_error(self.output_dir):
-      tf.io.gfile.makedirs(self._path(PARTS_DIR))
-      record_file = self._path(PARTS_DIR, name + ".tfrecord")
-      with tf.io.TFRecordWriter(record_file) as records:
-        for row in rows:
-          records.write(row.record)
+      _makedirs(self._path(PARTS_DIR))
+      record_bytes = _write_tfrecord(self._path(PARTS_DIR, name + ".tfrecord"), [row.record for row in rows])
       if self.write_jsonl:
-        with tf.io.gfile.GFile(self._path(PARTS_DIR, name + ".jsonl"), "w") as f:
+        with _open(self._path(PARTS_DIR, name + ".jsonl"), "w") as f:
           f.write("".join(row.jsonl for row in rows))
       if self.write_parquet:
         _write_parquet(self._path(PARTS_DIR, name + ".parquet"), [row.values for row in rows])
       index = {"process": self.process_index, "rows": len(rows),
-               "bytes": tf.io.gfile.stat(record_file).length,
+               "bytes": record_bytes,
                "jsonl": self.write_jsonl, "parquet": self.write_parquet,
                "ids": [row.id for row in rows], "digests": [row.digest for row in rows]}
       _write_atomically(self._path(PARTS_DIR, name + _INDEX_SUFFIX), json.dumps(index) + "\n")
@@ -387,7 +392,7 @@ class DatasetWriter:
       self._check_parts(plan, indexes)
       _write_atomically(self._path(PLAN_FILE), json.dumps({"shards": plan}, indent=0) + "\n")
       if self.write_parquet:
-        tf.io.gfile.makedirs(self._path(PARQUET_DIR))
+        _makedirs(self._path(PARQUET_DIR))
       for i, name in enumerate(plan):
         _place(self._path(PARTS_DIR, name + ".tfrecord"), self._path(shard_name(i)))
         if self.write_parquet:
@@ -409,7 +414,7 @@ class DatasetWriter:
 
   def _read_plan(self) -> list[str]:
     path = self._path(PLAN_FILE)
-    return json.loads(_read_text(path))["shards"] if tf.io.gfile.exists(path) else []
+    return json.loads(_read_text(path))["shards"] if _exists(path) else []
 
   def _check_ids_once(self, indexes: Mapping[str, dict]) -> None:
     seen, twice = set(), []
@@ -436,18 +441,18 @@ class DatasetWriter:
       orphan = (relative.startswith(PARTS_DIR + "/") and _TMP not in name
                 and _part_of(name) not in indexes)
       if _TMP in name or orphan:
-        tf.io.gfile.remove(self._path(relative))
+        _remove(self._path(relative))
 
   def _join_jsonl(self, plan: list[str]) -> None:
     final = self._path(JSONL_FILE)
     temporary = f"{final}{_TMP}{uuid.uuid4().hex}"
-    with tf.io.gfile.GFile(temporary, "w") as out:
-      out.write("")  # GFile creates the file on its first write, also of no rows
+    with _open(temporary, "w") as out:
+      out.write("")  # on gs://, GFile creates the file on its first write, also of no rows
       for name in plan:
-        with tf.io.gfile.GFile(self._path(PARTS_DIR, name + ".jsonl"), "r") as part:
+        with _open(self._path(PARTS_DIR, name + ".jsonl"), "r") as part:
           while chunk := part.read(1 << 24):
             out.write(chunk)
-    tf.io.gfile.rename(temporary, final, overwrite=True)
+    _replace(temporary, final)
 
 
 class _Row:
@@ -466,9 +471,9 @@ def _part_of(file_name: str) -> str:
 
 def _place(part: str, final: str) -> None:
   """Renames a planned part to its final name; idempotent (see the module doc)."""
-  if tf.io.gfile.exists(part):
-    tf.io.gfile.rename(part, final, overwrite=True)
-  elif not tf.io.gfile.exists(final):
+  if _exists(part):
+    _replace(part, final)
+  elif not _exists(final):
     raise CoditError(f"{part} is missing and {final} was not written: the folder was changed by "
                      "hand. Pass --force to start over.")
 
@@ -491,18 +496,60 @@ def _write_parquet(path: str, rows: list[dict]) -> None:
                     for field in schema}, schema=schema)
   buffer = pa.BufferOutputStream()  # pyarrow cannot write through a GFile; a part fits in memory
   pq.write_table(table, buffer)
-  with tf.io.gfile.GFile(path, "wb") as f:
+  with _open(path, "wb") as f:
     f.write(buffer.getvalue().to_pybytes())
 
 
+# File operations: etils.epath, which runs plain os calls on a local path and imports a TF (or
+# fsspec) backend only for gs://. Every write goes through _open and every rename through _replace
+# (the tests kill a run inside them).
+
+def _open(path: str, mode: str):
+  return epath.Path(path).open(mode)
+
+
+def _replace(source: str, target: str) -> None:
+  """Renames, overwriting target: atomic on a local disk (os.replace); copy-then-delete on gs://."""
+  epath.Path(source).replace(target)
+
+
+def _exists(path: str) -> bool:
+  return epath.Path(path).exists()
+
+
+def _isdir(path: str) -> bool:
+  return epath.Path(path).is_dir()
+
+
+def _makedirs(path: str) -> None:
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _remove(path: str) -> None:
+  epath.Path(path).unlink()
+
+
 def _listdir(folder: str) -> list[str]:
-  if not tf.io.gfile.isdir(folder):
+  """The names in `folder`; [] if it is not a folder."""
+  if not _isdir(folder):
     return []
-  return [n.rstrip("/") for n in tf.io.gfile.listdir(folder)]
+  if "://" not in folder:
+    # Not epath's listdir, which hides names ending in "~" (editor backups): a user's file must
+    # count, or a folder of them would be claimed, or deleted as empty.
+    return os.listdir(folder)
+  return [p.name for p in epath.Path(folder).iterdir()]
+
+
+def _file_errors() -> tuple[type[BaseException], ...]:
+  """The errors of a file operation: OSError (what etils raises for a local path), and for gs://
+  also TensorFlow's OpError, which tf.io.gfile raises through etils for some failures. TF is only
+  looked up, never imported here: a local run has not loaded it and raises no OpError."""
+  errors = getattr(sys.modules.get("tensorflow"), "errors", None)
+  return (OSError,) if errors is None else (OSError, errors.OpError)
 
 
 def _nearest_existing(path: str) -> str:
-  while not tf.io.gfile.exists(path):
+  while not _exists(path):
     parent = posixpath.dirname(path) if "://" in path else os.path.dirname(path)
     if parent in (path, ""):
       return "."
@@ -528,7 +575,7 @@ class _as_codit_error:  # pylint: disable=invalid-name
   def __exit__(self, kind, e, traceback):
     if e is None or isinstance(e, CoditError):
       return False
-    if isinstance(e, (OSError, tf.errors.OpError)):
+    if isinstance(e, _file_errors()):
       hint = (" (a read-only file system)" if getattr(e, "errno", None) == errno.EROFS else "")
       raise CoditError(f"file system error in output_dir {self.output_dir}{hint}: {_reason(e)}. "
                        "Fix it and rerun the same command to resume, or choose a writable folder.") from None
@@ -536,19 +583,64 @@ class _as_codit_error:  # pylint: disable=invalid-name
 
 
 def _read_text(path: str) -> str:
-  with tf.io.gfile.GFile(path, "r") as f:
+  with _open(path, "r") as f:
     return f.read()
 
 
 def _write_atomically(path: str, text: str) -> None:
   temporary = f"{path}{_TMP}{uuid.uuid4().hex}"
-  with tf.io.gfile.GFile(temporary, "w") as f:
+  with _open(temporary, "w") as f:
     f.write(text)
-  tf.io.gfile.rename(temporary, path, overwrite=True)
+  _replace(temporary, path)
+
+
+# TFRecord files, written and read without TensorFlow, byte for byte as tf.io.TFRecordWriter writes
+# them (uncompressed). Each record is framed as
+#   uint64 length, uint32 masked CRC-32C of those 8 bytes, the data, uint32 masked CRC-32C of the data
+# all little-endian; google_crc32c is a C extension (a pure-Python CRC is too slow for GBs of shards).
+
+def _masked_crc(data: bytes) -> bytes:
+  crc = google_crc32c.value(data)
+  return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def _write_tfrecord(path: str, records: Sequence[bytes]) -> int:
+  """Writes `records` as a TFRecord file; returns its size in bytes."""
+  size = 0
+  with _open(path, "wb") as f:
+    for record in records:
+      length = struct.pack("<Q", len(record))
+      f.write(length + _masked_crc(length) + record + _masked_crc(record))
+      size += len(record) + 16
+  return size
+
+
+def _read_tfrecord(path: str) -> Iterator[bytes]:
+  """The records of a TFRecord file, their checksums checked."""
+  with _open(path, "rb") as f:
+    while header := f.read(12):
+      whole = len(header) == 12 and header[8:] == _masked_crc(header[:8])
+      data = f.read(struct.unpack("<Q", header[:8])[0]) if whole else b""
+      if not whole or f.read(4) != _masked_crc(data):
+        raise CoditError(f"{path} is not a whole TFRecord file (a record is cut or its checksum is "
+                         "wrong): it was changed after codit-generate wrote it.")
+      yield data
+
+
+def read_fields(output_dir: str, names: Sequence[str]) -> Iterator[dict]:
+  """The features `names` of each example of the finished dataset, in shard order, read without
+  TensorFlow (TFDS's own read-back, read_examples, goes through tf.data); strings as str."""
+  builder = tfds.builder_from_directory(output_dir)
+  features = builder.info.features
+  for path in builder.info.splits[SPLIT].filepaths:
+    for record in _read_tfrecord(os.fspath(path)):
+      example = features.deserialize_example_np(record)
+      yield {k: (example[k].decode() if isinstance(example[k], bytes) else example[k]) for k in names}
 
 
 def read_examples(output_dir: str) -> Iterator[dict]:
-  """The finished dataset's examples as Python values (TFDS read-back), in shard order."""
+  """The finished dataset's examples as Python values (TFDS read-back, through TensorFlow), in shard
+  order."""
   builder = tfds.builder_from_directory(output_dir)
   if not builder.info.splits[SPLIT].num_examples:
     return  # TFDS refuses to read a split of no examples ("corresponds to no data")
