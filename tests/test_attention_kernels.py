@@ -339,13 +339,14 @@ def test_kernel_layout_engine_on_a_mesh_equals_one_device(model_parallelism):
     np.testing.assert_allclose(b.codit_logprobs, a.codit_logprobs, atol=1e-5, rtol=0)
 
 
-def test_kernel_layout_pair_parallel_equals_one_model_after_the_other():
-  """pair 2 x data 2 x model 2: the engine vmaps each step over the pair (spmd_axis_name='pair'), which
-  puts 'pair' into the kernel's shard_map; the same tokens as the two models in turn on one device,
-  and no all-gather of the cache."""
+@pytest.mark.parametrize("model_parallelism", [2, 4])  # pair 2 x data 2 x model 2, pair 2 x data 1 x model 4
+def test_kernel_layout_pair_parallel_equals_one_model_after_the_other(model_parallelism):
+  """The engine vmaps each step over the pair (spmd_axis_name='pair'), which puts 'pair' into the
+  kernel's shard_map: the same tokens as the two models in turn on one device, and no all-gather of
+  the cache."""
   post_path, pre_path = test_decoding._same_shape_pair("llama")
   post, pre = (checkpoints.load_model(p) for p in (post_path, pre_path))
-  mesh = parallel.make_mesh(model_parallelism=2, pair_parallel=True)
+  mesh = parallel.make_mesh(model_parallelism=model_parallelism, pair_parallel=True)
   pair = checkpoints.load_pair(post_path, pre_path, mesh)
   assert pair.layers[0].self_attn.kernel_mesh is mesh
   examples = test_decoding._prompts(6)
