@@ -300,6 +300,13 @@ def test_kernel_layout_row_is_independent_of_neighbours(temperature):
     np.testing.assert_array_equal(getattr(joined, field), getattr(alone, field), err_msg=field)
 
 
+def test_model_on_one_device_mesh_keeps_the_plain_call():
+  post, _ = test_decoding._pair("llama")
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  assert all(layer.self_attn.kernel_mesh is None for layer in checkpoints.load_model(post, mesh=mesh).layers)
+  assert all(layer.self_attn.kernel_mesh is None for layer in checkpoints.load_model(post).layers)
+
+
 def _largest_cache_gather(engine, models, settings):
   """The most elements any all-gather of the compiled decode program returns, over one row's keys of
   one layer (kv_heads x cache length x head_dim): under 1, no all-gather moves any row's cache."""

@@ -235,10 +235,11 @@ class Attention(nnx.Module):
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
 
   def _placed_as_cache(self, entries):
-    """A step's new keys or values (b, kv_heads, 1, d) where the shard_mapped kernel reads the cache,
-    so that writing them is local. Left to itself, XLA writes them where k_proj left them (kv_heads x
-    head_dim split over 'model', even where 'model' does not divide kv_heads) and then gathers the
-    whole cache over 'model' for the kernel, at every step."""
+    """A step's new keys or values (b, kv_heads, 1, d) placed as the cache is (rows over 'data', kv
+    heads over 'model' where it divides them: `attention_kernels.mesh_specs`), so that writing them
+    is local. Left to itself, XLA writes them where k_proj left them (kv_heads x head_dim split over
+    'model', even where 'model' does not divide kv_heads), then gathers the whole cache back over
+    'model' for the kernel, at every step."""
     specs = attention_kernels.mesh_specs(self.kernel_mesh, entries.shape[0], self.cfg.num_heads,
                                          self.cfg.num_kv_heads)
     return jax.lax.with_sharding_constraint(entries, NamedSharding(self.kernel_mesh, specs.cache))
