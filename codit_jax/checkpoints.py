@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from codit_jax import demo, parallel
 from codit_jax.errors import CheckpointError
 from codit_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from codit_jax.models.decoder import Decoder, use_expert_parallelism
+from codit_jax.models.decoder import Decoder, use_expert_parallelism, use_sharded_decode_attention
 
 _SAFETENSORS_DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -207,6 +207,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Me
       tensors, path_parts, shape, prefixes, DTYPES[dtype], mesh, fsdp))
   if mesh is not None:
     use_expert_parallelism(model, mesh)
+    use_sharded_decode_attention(model, mesh)
   return model
 
 
@@ -288,7 +289,11 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
     sharding = parallel.pair_param_sharding(".".join(map(str, path_parts)), shape, mesh)
     return jax.make_array_from_callback((2, *shape), sharding, read)
 
-  return _decoder_from(cfg, dtype, load)
+  pair = _decoder_from(cfg, dtype, load)
+  # The engine vmaps each step over the pair with spmd_axis_name='pair', and vmap adds 'pair' to
+  # the kernel's shard_map specs: each half of the devices runs its model's kernel on its own shards.
+  use_sharded_decode_attention(pair, mesh)
+  return pair
 
 
 def _full_index(index: tuple, ndim: int) -> tuple:

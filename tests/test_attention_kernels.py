@@ -5,13 +5,17 @@ here in Pallas interpret mode and is checked against the pure-jnp reference and
 against the decoder's own `attend` / `attend_step` on the equivalent masks.
 """
 
+import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from codit_jax import checkpoints, parallel
 from codit_jax.models import attention_kernels as ak
 from codit_jax.models import decoder
 
@@ -181,6 +185,71 @@ def test_cuda_lowering_uses_the_triton_kernel():
   assert "xla.gpu.triton" in text
 
 
+# ---- On a mesh (8 simulated CPU devices): the kernel shard_mapped, each device on its own rows and heads.
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+
+
+def _all_gathered_sizes(hlo: str) -> list[int]:
+  """The element counts of the results of every all-gather in a compiled program's text."""
+  sizes = []
+  for line in hlo.splitlines():
+    found = re.search(r"= \w+\[([\d,]*)\]\S* all-gather(?:-start)?\(", line)
+    if found:
+      sizes.append(int(np.prod([int(n) for n in found.group(1).split(",") if n])))
+  return sizes
+
+
+SHARDED_CASES = [  # (model_parallelism, heads, kv_heads, split heads over 'model')
+    (4, 8, 4, True),    # data 2 x model 4
+    (1, 8, 2, False),   # data 8 x model 1
+    (4, 8, 2, False),   # data 2 x model 4, which does not divide the 2 kv heads: heads whole on each device
+]
+
+
+@pytest.mark.parametrize("model_parallelism,heads,kv_heads,splits_heads", SHARDED_CASES)
+def test_sharded_kernel_equals_one_device_without_collectives(model_parallelism, heads, kv_heads, splits_heads):
+  """The interpreted kernel shard_mapped over the mesh, its operands placed as the engine places them:
+  the one-device outputs, and a compiled program with no collective (XLA would otherwise gather
+  the whole cache onto every device, as it must for a call it cannot partition)."""
+  mesh = parallel.make_mesh(model_parallelism)
+  slots, window, b, head_dim = 512, 100, 8, 64
+  index = jnp.asarray([slots - 1, 40, slots - 2, 300, 0, 20, 7, 170], jnp.int32)
+  start, end = decoder.visible_range(index, window)
+  start = start.at[6].set(end[6])  # a row not live reads nothing
+  q, keys, values = _inputs(b, heads, kv_heads, head_dim, slots, jnp.float32)
+  specs = ak.mesh_specs(mesh, b, heads, kv_heads)
+  heads_axis = parallel.MODEL if splits_heads else None
+  assert specs.query == P(parallel.DATA, heads_axis, None) and specs.rows == P(parallel.DATA)
+  assert specs.cache == P(parallel.DATA, heads_axis, None, None)
+  place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  placed = (place(q, P(*specs.query[:1], None, *specs.query[1:])), place(keys, specs.cache),
+            place(values, specs.cache), place(start, specs.rows), place(end, specs.rows))
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret=True, mesh=mesh))
+  out = run(*placed)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(_kernel_layout(q, keys, values, start, end, 0.125)),
+                             **TOLERANCE[jnp.float32])
+  assert np.all(np.asarray(out[6]) == 0)
+  hlo = run.lower(*placed).compile().as_text()
+  assert [c for c in COLLECTIVES if c + "(" in hlo or c + "-start(" in hlo] == []
+
+
+def test_cuda_lowering_on_a_mesh_runs_the_triton_kernel_per_device():
+  """Lowered for CUDA on a (data 2, model 4) mesh, the Triton call sits inside a manual computation
+  over 'data' and 'model' whose operands are one device's rows and heads."""
+  mesh = parallel.make_mesh(4)
+  specs = ak.mesh_specs(mesh, 4, 16, 4)
+  shape = lambda dims, spec: jax.ShapeDtypeStruct(dims, jnp.bfloat16, sharding=NamedSharding(mesh, spec))  # noqa: E731
+  q = shape((4, 1, 16, 128), P(parallel.DATA, None, parallel.MODEL))
+  kv = shape((4, 4, 768, 128), specs.cache)
+  rows = jax.ShapeDtypeStruct((4,), jnp.int32, sharding=NamedSharding(mesh, specs.rows))
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5, mesh=mesh))
+  text = run.trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
+  assert "xla.gpu.triton" in text
+  manual = next(line for line in text.splitlines() if "sdy.manual_computation" in line)
+  assert 'manual_axes={"data", "model"}' in manual and "tensor<2x1x768x128xbf16>" in manual
+
+
 # ---- The engine in the KERNEL layout (forced on CPU), against the TRANSPOSED layout and PyTorch.
 
 import test_decoding  # noqa: E402  (its pair models, prompts and the bitwise independence harness)
@@ -229,3 +298,73 @@ def test_kernel_layout_row_is_independent_of_neighbours(temperature):
   assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
   for field in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
     np.testing.assert_array_equal(getattr(joined, field), getattr(alone, field), err_msg=field)
+
+
+def test_model_on_one_device_mesh_keeps_the_plain_call():
+  post, _ = test_decoding._pair("llama")
+  mesh = parallel.make_mesh(devices=jax.devices()[:1])
+  assert all(layer.self_attn.kernel_mesh is None for layer in checkpoints.load_model(post, mesh=mesh).layers)
+  assert all(layer.self_attn.kernel_mesh is None for layer in checkpoints.load_model(post).layers)
+
+
+def _largest_cache_gather(engine, models, settings):
+  """The most elements any all-gather of the compiled decode program returns, over one row's keys of
+  one layer (kv_heads x cache length x head_dim): under 1, no all-gather moves any row's cache."""
+  state = engine_lib.init_state(*models, settings=settings, slots=engine.batch_size, cache_len=engine.cache_len,
+                                mesh=engine.mesh)
+  program = engine_lib.decode_chunk.lower(*models, state, np.int32(0), np.int32(1), settings=settings,
+                                          chunk_steps=2, mesh=engine.mesh)
+  cfg = models[0].cfg
+  return max(_all_gathered_sizes(program.compile().as_text()), default=0) / (
+      cfg.num_kv_heads * engine.cache_len * cfg.head_dim)
+
+
+def _kernel_layout_settings():
+  """Greedy CoDIT, 16 new tokens after prompts of up to 64: a cache of 80 slots, which the kernel takes."""
+  return test_decoding._settings(max_new_tokens=16)
+
+
+@pytest.mark.parametrize("model_parallelism", [2, 4])  # data 4 x model 2 (kv heads split), data 2 x model 4 (not)
+def test_kernel_layout_engine_on_a_mesh_equals_one_device(model_parallelism):
+  """Greedy CoDIT through the interpreted kernel, shard_mapped over 8 devices: the one-device tokens,
+  and no all-gather of the cache in the decode program."""
+  examples = test_decoding._prompts(6)
+  settings = _kernel_layout_settings()
+  post, pre, _ = test_decoding._jax_pair("llama")
+  post8, pre8, mesh = test_decoding._jax_pair("llama", model_parallelism)
+  assert post8.layers[0].self_attn.kernel_mesh is mesh
+  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+    single = test_decoding._generate(Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16),
+                                     examples)
+    engine = Engine(post8, pre8, settings, batch_size=4, max_prompt_len=64, min_bucket=16, mesh=mesh)
+    sharded = test_decoding._generate(engine, examples)
+    cfg = post.cfg
+    assert ak.gpu_kernel_fits((4, cfg.num_heads, cfg.head_dim), (4, cfg.num_kv_heads, engine.cache_len, cfg.head_dim))
+    assert _largest_cache_gather(engine, (post8, pre8), settings) < 1
+  for a, b in zip(single, sharded):
+    assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    np.testing.assert_allclose(b.codit_logprobs, a.codit_logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_parallelism", [2, 4])  # pair 2 x data 2 x model 2, pair 2 x data 1 x model 4
+def test_kernel_layout_pair_parallel_equals_one_model_after_the_other(model_parallelism):
+  """The engine vmaps each step over the pair (spmd_axis_name='pair'), which puts 'pair' into the
+  kernel's shard_map: the same tokens as the two models in turn on one device, and no all-gather of
+  the cache."""
+  post_path, pre_path = test_decoding._same_shape_pair("llama")
+  post, pre = (checkpoints.load_model(p) for p in (post_path, pre_path))
+  mesh = parallel.make_mesh(model_parallelism=model_parallelism, pair_parallel=True)
+  pair = checkpoints.load_pair(post_path, pre_path, mesh)
+  assert pair.layers[0].self_attn.kernel_mesh is mesh
+  examples = test_decoding._prompts(6)
+  settings = _kernel_layout_settings()
+  pair_settings = dataclasses.replace(settings, pair_parallel=True)
+  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+    in_turn = test_decoding._generate(Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16),
+                                      examples)
+    engine = Engine(pair, None, pair_settings, batch_size=4, max_prompt_len=64, min_bucket=16, mesh=mesh)
+    side_by_side = test_decoding._generate(engine, examples)
+    assert _largest_cache_gather(engine, (pair, None), pair_settings) < 1
+  for a, b in zip(in_turn, side_by_side):
+    assert a.tokens == b.tokens and a.finish_reason == b.finish_reason
+    np.testing.assert_allclose(b.pre_logprobs, a.pre_logprobs, atol=1e-5, rtol=0)

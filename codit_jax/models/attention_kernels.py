@@ -21,6 +21,14 @@ same shapes: the layout is picked by the caller at trace time, and
 platform_dependent only chooses, within the kernel layout, between the Pallas GPU
 kernel (cuda) and the pure-jnp reference (cpu, tpu, others).
 
+On a mesh (a model loaded with one: `decoder.use_sharded_decode_attention`), the
+kernel runs under jax.shard_map (`shard_over_mesh`): XLA cannot partition its
+custom call, and left to itself gathers the whole cache onto every device at every
+step, each device then running the whole batch. Shard_mapped, each device runs the
+kernel on its own rows (batch over 'data') and, where 'model' divides the kv heads,
+its own heads, with no collective. vmap (pair_parallel's, over the 'pair' axis)
+adds its axis to the shard_map. The reference needs no shard_map: XLA partitions it.
+
 TPU runs the reference (a block loop over the live rows' slot range) for now:
 `ops.tpu.paged_attention` takes `lengths` (keys [0, len), which is what a row
 without a window sees) but wants its cache as pages (kv_heads, pages, page_size,
@@ -32,11 +40,15 @@ with K and V interleaved on the head axis. Either needs a paged TPU cache layout
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode_attention
+from jax.sharding import Mesh, PartitionSpec as P
+
+from codit_jax import parallel
 
 TRANSPOSED = "transposed"
 KERNEL = "kernel"
@@ -160,7 +172,8 @@ def reference_decode_attention(q, keys, values, start, end, *, scale: float, sof
 
 
 def kernel_layout_decode_attention(q, keys, values, start, end, *, scale: float,
-                                   softcap: float | None = None, interpret: bool = False):
+                                   softcap: float | None = None, interpret: bool = False,
+                                   mesh: Mesh | None = None):
   """Decode attention on the kernel layout: the Pallas GPU kernel on CUDA, the reference elsewhere.
 
   q: (b, 1, h, d) (a decode step's query, as decoder.Attention has it) or (b, h, d);
@@ -170,18 +183,56 @@ def kernel_layout_decode_attention(q, keys, values, start, end, *, scale: float,
   With a soft cap (gemma2's attn_logit_softcap), or shapes the kernel does not take
   (`gpu_kernel_fits`), every platform runs the reference. interpret=True runs the GPU
   kernel in Pallas interpret mode on any platform, instead of the platform choice (tests).
+  With a `mesh`, each device runs the kernel on its own rows and heads (`shard_over_mesh`).
   """
   shape = q.shape
   q3 = q.reshape(shape[0], shape[-2], shape[-1])
   reference = functools.partial(reference_decode_attention, scale=scale, softcap=softcap)
   if softcap or not gpu_kernel_fits(q3.shape, keys.shape):
     out = reference(q3, keys, values, start, end)
-  elif interpret:
-    out = gpu_kernel_decode_attention(q3, keys, values, start, end, scale=scale, interpret=True)
   else:
-    kernel = functools.partial(gpu_kernel_decode_attention, scale=scale)
-    out = jax.lax.platform_dependent(q3, keys, values, start, end, cuda=kernel, default=reference)
+    kernel = functools.partial(gpu_kernel_decode_attention, scale=scale, interpret=interpret)
+    if mesh is not None:
+      # Only the kernel is shard_mapped: XLA cannot partition its custom call, but it does
+      # partition the reference (plain jnp), which so stays the same program as without a mesh.
+      kernel = shard_over_mesh(kernel, mesh, q3.shape, keys.shape)
+    if interpret:
+      out = kernel(q3, keys, values, start, end)
+    else:
+      out = jax.lax.platform_dependent(q3, keys, values, start, end, cuda=kernel, default=reference)
   return out.astype(values.dtype).reshape(shape)
+
+
+class MeshSpecs(NamedTuple):
+  """Where the decode kernel's operands lie on a mesh, each device holding its own rows and heads."""
+
+  query: P  # q (b, h, d)
+  cache: P  # keys, values (b, kv_heads, L, d), and a step's new entries (b, kv_heads, 1, d)
+  rows: P  # start, end (b,)
+
+
+def mesh_specs(mesh: Mesh, batch: int, heads: int, kv_heads: int) -> MeshSpecs:
+  """Rows over 'data' where 'data' divides the batch; heads over 'model' where it divides both the
+  query heads and the kv heads, else all heads on every device (replicated over 'model').
+
+  Split, device j holds query heads [j h/m, (j + 1) h/m) and kv heads [j kv/m, (j + 1) kv/m),
+  as q_proj, k_proj and the engine's caches (`engine._state_specs`) place them, and those are
+  the kv heads its query heads use (head i uses kv head i // (h / kv)).
+  """
+  rows = parallel.fit_spec((parallel.DATA,), (batch,), mesh)[0]
+  model = mesh.shape[parallel.MODEL]
+  heads_axis = parallel.MODEL if model > 1 and heads % model == 0 and kv_heads % model == 0 else None
+  return MeshSpecs(query=P(rows, heads_axis, None), cache=P(rows, heads_axis, None, None), rows=P(rows))
+
+
+def shard_over_mesh(kernel, mesh: Mesh, q_shape, kv_shape):
+  """`kernel(q, keys, values, start, end)` under jax.shard_map, each device on its own rows and
+  heads (`mesh_specs`): they need nothing of the other devices', so there is no collective."""
+  (batch, heads, _), kv_heads = q_shape, kv_shape[1]
+  specs = mesh_specs(mesh, batch, heads, kv_heads)
+  # check_vma=False: gqa's pallas_call declares its outputs without the mesh axes they vary over.
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(specs.query, specs.cache, specs.cache, specs.rows, specs.rows),
+                       out_specs=specs.query, check_vma=False)
 
 
 def transposed_reference_decode_attention(q, keys, values, start, end, *, scale: float,

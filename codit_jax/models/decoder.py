@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from codit_jax import parallel
 from codit_jax.models import attention_kernels, moe
@@ -175,6 +176,8 @@ class Attention(nnx.Module):
     self.k_norm = RMSNorm(norm_dims[1], **norm) if norm_dims else None
     self.cfg = cfg
     self.layer_type = cfg.layer_types[layer_index]
+    # The mesh the decode kernel runs shard_mapped over (`use_sharded_decode_attention`); None: one call.
+    self.kernel_mesh = None
 
   def __call__(self, x, positions, mask, cache=None, cache_index=None):
     """x: (b, s, hidden). Returns (output, (keys, values)).
@@ -217,15 +220,29 @@ class Attention(nnx.Module):
       out = attend(q, k, v, mask, scale, softcap, layout)
     else:  # one decode step: each row writes its key/value at its own slot, then reads its cache
       slot = cache_index % sum(block.shape[2] for block in cache[1])  # a ring buffer (a sliding layer's) wraps
+      reads_kernel = layout == attention_kernels.KERNEL and mask.ring is None
+      if reads_kernel and self.kernel_mesh is not None:
+        k, v = self._placed_as_cache(k), self._placed_as_cache(v)
       k = write_slot(cache[0], k, slot, axis=attention_kernels.key_slot_axis(layout))
       v = write_slot(cache[1], v, slot, axis=2)
-      if layout == attention_kernels.KERNEL and mask.ring is None:
+      if reads_kernel:
         # Each row's visible slots are one range [start, stop): the kernel's per-row lengths.
         out = attention_kernels.kernel_layout_decode_attention(
-            q, k[0], v[0], mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL)
+            q, k[0], v[0], mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL,
+            mesh=self.kernel_mesh)
       else:  # TRANSPOSED, or a ring buffer (its visible entries are no slot range once it has wrapped)
         out = attend_step(q, k, v, mask, scale, softcap, layout)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
+
+  def _placed_as_cache(self, entries):
+    """A step's new keys or values (b, kv_heads, 1, d) placed as the cache is (rows over 'data', kv
+    heads over 'model' where it divides them: `attention_kernels.mesh_specs`), so that writing them
+    is local. Left to itself, XLA writes them where k_proj left them (kv_heads x head_dim split over
+    'model', even where 'model' does not divide kv_heads), then gathers the whole cache back over
+    'model' for the kernel, at every step."""
+    specs = attention_kernels.mesh_specs(self.kernel_mesh, entries.shape[0], self.cfg.num_heads,
+                                         self.cfg.num_kv_heads)
+    return jax.lax.with_sharding_constraint(entries, NamedSharding(self.kernel_mesh, specs.cache))
 
 
 def write_slot(blocks: tuple, new, slot, axis: int) -> tuple:
@@ -482,6 +499,15 @@ def use_expert_parallelism(model: "Decoder", mesh) -> None:
     if isinstance(layer.mlp, SparseMoeBlock):
       splits = model_devices > 1 and model.cfg.num_experts % model_devices == 0
       layer.mlp.expert_mesh = mesh if splits else None
+
+
+def use_sharded_decode_attention(model: "Decoder", mesh) -> None:
+  """Runs the decode kernel of `model`'s attention layers shard_mapped over `mesh`, each device on
+  its own rows and heads (`attention_kernels.shard_over_mesh`): XLA cannot partition the kernel's
+  custom call, and would otherwise gather the whole cache onto every device at every step. A mesh
+  of one device changes nothing."""
+  for layer in model.layers:
+    layer.self_attn.kernel_mesh = mesh if mesh.size > 1 else None
 
 
 class DecoderLayer(nnx.Module):
