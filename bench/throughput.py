@@ -11,6 +11,9 @@ wide range, roughly geometrically, while some rows never stop and run to
 --max_new_tokens, as degenerate real responses do. Then, on the same prompts,
 greedy, float32:
   - codit-generate of this checkout (continuous batching), a subprocess;
+  - the same with pair_parallel on two host devices (XLA_FLAGS=
+    --xla_force_host_platform_device_count=2): one model per core (skip with
+    --skip_pair_parallel);
   - codit-generate of the static-batch engine (--static_commit, the commit
     before continuous batching, extracted with git archive), a subprocess;
   - a plain batched Hugging Face PyTorch CoDIT loop (this file with
@@ -63,6 +66,8 @@ def parse_args():
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--skip_static", action="store_true")
   parser.add_argument("--skip_torch", action="store_true")
+  parser.add_argument("--skip_pair_parallel", action="store_true",
+                      help="no run with pair_parallel on two host devices (one model per core)")
   parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
   parser.add_argument("--hf_worker", nargs=3, metavar=("POST", "PRE", "OUT"), help=argparse.SUPPRESS)
   parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
@@ -126,14 +131,14 @@ def write_prompts(path: Path, n: int) -> None:
 
 
 def run_generate(args, cwd: Path, post: str, pre: str, prompts: Path, out: Path, cache: Path,
-                 **extra) -> tuple[float, str]:
+                 env_extra: dict | None = None, **extra) -> tuple[float, str]:
   """codit-generate (the checkout at cwd) end to end: (wall seconds, its log)."""
   overrides = dict(post_trained=post, pre_trained=pre, prompts=prompts, output_dir=out, temperature=0.0,
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch, dtype="float32", max_prompt_len=128,
                    min_bucket=32, compilation_cache_dir=cache, log_every_seconds=1e9, **extra)
   command = [sys.executable, "-m", "codit_jax.generate", f"--config={cwd / 'configs' / 'default.py'}",
              *(f"--config.{k}={v}" for k, v in overrides.items())]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1", **(env_extra or {}))
   env.pop("PYTHONPATH", None)
   started = time.perf_counter()
   done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
@@ -195,26 +200,36 @@ def main():
     lengths = {r["id"]: len(prompts_lib.build_prompt_ids(tokenizer, r["instruction"]))
                for r in map(json.loads, prompts_file.read_text().splitlines())}
 
-    runs, rows = {}, {}
-    checkouts = {"continuous (this checkout)": REPO}
+    runs, rows, utilization = {}, {}, {}
+    # name: (checkout, config overrides, environment)
+    variants = {"continuous (this checkout)": (REPO, {}, {})}
+    if not args.skip_pair_parallel and (os.cpu_count() or 1) >= 2:
+      # XLA:CPU runs one decode step's ops one after another, on one core: two host devices, one
+      # model each (pair_parallel), step both models at once.
+      variants["continuous, pair_parallel on 2 host devices"] = (
+          REPO, {"pair_parallel": True}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     if not args.skip_static:
       static = tmp / "static"
       static.mkdir()
       archive = subprocess.run(["git", "-C", str(REPO), "archive", args.static_commit, "codit_jax", "configs"],
                                capture_output=True, check=True).stdout
       subprocess.run(["tar", "-x", "-C", str(static)], input=archive, check=True)
-      checkouts[f"static ({args.static_commit})"] = static
-    for name, cwd in checkouts.items():
+      variants[f"static ({args.static_commit})"] = (static, {}, {})
+    for name, (cwd, overrides, env) in variants.items():
       cache = tmp / f"xla-{len(runs)}"
       for phase in ("cold", "warm"):
         out = tmp / f"out-{len(runs)}-{phase}"
-        seconds, log = run_generate(args, cwd, post, pre, prompts_file, out, cache)
+        seconds, log = run_generate(args, cwd, post, pre, prompts_file, out, cache, env, **overrides)
         runs[f"{name}, {phase}"] = seconds
       examples = list(writer.read_examples(str(out)))
       rows[name] = {e["id"]: (list(e["response_tokens"]), e["finish_reason"]) for e in examples}
       if cwd == REPO:
         match = re.findall(r"slot utilization ([\d.]+)% \(([\d.]+)% while prompts wait\)", log)
-        continuous_utilization = tuple(float(x) / 100 for x in match[-1]) if match else (float("nan"),) * 2
+        utilization[name] = f"{float(match[-1][0]) / 100:.1%} ({float(match[-1][1]) / 100:.1%} while prompts wait)" \
+            if match else "?"
+      else:
+        utilization[name] = f"{static_utilization(lengths, rows[name], args.batch):.1%}"
+      if name == "continuous (this checkout)":
         # The same run with stop_repetitive (a first run compiles its decode program).
         for phase in ("compile", "warm"):
           out_stop = tmp / f"out-stop-{phase}"
@@ -230,6 +245,8 @@ def main():
       subprocess.run(command, check=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
       runs["Hugging Face PyTorch loop (static)"] = time.perf_counter() - started
       rows["Hugging Face PyTorch loop (static)"] = {i: (t, r) for i, (t, r) in json.loads(out.read_text()).items()}
+      utilization["Hugging Face PyTorch loop (static)"] = \
+          f"{static_utilization(lengths, rows['Hugging Face PyTorch loop (static)'], args.batch):.1%}"
 
   reference = rows["continuous (this checkout)"]
   tokens = sum(len(t) + (r == "stop") for t, r in reference.values())
@@ -245,13 +262,9 @@ def main():
            "", "| run | wall s | tokens/s | slot utilization | vs PyTorch loop |", "|---|---:|---:|---:|---:|"]
   torch_seconds = runs.get("Hugging Face PyTorch loop (static)")
   for name, seconds in runs.items():
-    base = name.rsplit(",", 1)[0]
-    if base == "continuous (this checkout)":
-      utilization = f"{continuous_utilization[0]:.1%} ({continuous_utilization[1]:.1%} while prompts wait)"
-    else:
-      utilization = f"{static_utilization(lengths, rows[base], args.batch):.1%}"
+    base = name.rsplit(",", 1)[0] if name.endswith((", cold", ", warm")) else name
     ratio = f"{torch_seconds / seconds:.2f}x" if torch_seconds else "-"
-    lines.append(f"| {name} | {seconds:.1f} | {tokens / seconds:.0f} | {utilization} | {ratio} |")
+    lines.append(f"| {name} | {seconds:.1f} | {tokens / seconds:.0f} | {utilization[base]} | {ratio} |")
   lines.append("")
   for name, other in rows.items():
     if name != "continuous (this checkout)":
@@ -264,6 +277,10 @@ def main():
                f"{sum(r == 'length' for _, r in reference.values())} at the cap; {stop_tokens} tokens instead of "
                f"{tokens} ({1 - stop_tokens / tokens:.0%} fewer), {stop_seconds:.1f} s instead of "
                f"{runs['continuous (this checkout), warm']:.1f} s; the other rows unchanged: {same:.0%}")
+  pair = "continuous, pair_parallel on 2 host devices, warm"
+  if pair in runs:
+    lines.append(f"- pair_parallel on 2 host devices over one device (warm): "
+                 f"{runs['continuous (this checkout), warm'] / runs[pair]:.2f}x")
   if f"static ({args.static_commit}), warm" in runs:
     lines.append(f"- continuous over static engine (warm): "
                  f"{runs[f'static ({args.static_commit}), warm'] / runs['continuous (this checkout), warm']:.2f}x")
