@@ -305,7 +305,7 @@ def generate(config, force: bool = False) -> dict:
                                    chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
         progress = Progress(len(items), done, config.log_every_seconds, slots)
         by_id = {p.id: p for p in group}
-        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update):
+        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update, compile_ahead=True):
           prompt = by_id[completion.id]
           writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
         progress.update(engine.stats, force=True)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import functools
+import logging
+import re
 import tempfile
 
 import jax
@@ -308,6 +310,34 @@ def test_compiled_programs_bounded_by_buckets():
   assert grown[1] <= len(engine.buckets)  # one admit program per prompt bucket
   with pytest.raises(CoditError, match="exceeds max_prompt_len"):
     _generate(engine, [("long", [1] * 101)])
+
+
+@pytest.mark.parametrize("model_parallelism", [None, 2], ids=["one-device", "mesh"])
+def test_compile_ahead_compiles_each_program_once_off_the_main_thread(model_parallelism, caplog):
+  """compile_ahead compiles the decode program and the admit program of each bucket the prompts fall
+  in, in background threads; the run then calls exactly those programs (none compiles again on the
+  main thread) and gives the same completions as a run that compiles each program when it needs it."""
+  post, pre, mesh = _jax_pair("llama", model_parallelism)
+  # Shapes that no other test compiles (max_new_tokens, 5 slots): every program compiles here.
+  settings = _settings(max_new_tokens=11 + (model_parallelism or 0))
+  examples = _prompts(7)  # 5 to 40 tokens: buckets 16, 32 and 64
+
+  def engine():
+    return Engine(post, pre, settings, batch_size=5, max_prompt_len=64, min_bucket=16, mesh=mesh)
+
+  jax.config.update("jax_log_compiles", True)  # globally: the context manager is the calling thread's
+  try:
+    with caplog.at_level(logging.WARNING):
+      ahead = {c.id: c for c in engine().run(examples, compile_ahead=True)}
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiled = [(re.search(r"XLA compilation of jit\((\w+)\)", r.getMessage()).group(1), r.threadName)
+              for r in caplog.records if "XLA compilation of jit(" in r.getMessage()]
+  programs = [(name, thread.startswith("codit-compile")) for name, thread in compiled
+              if name in ("_admit", "_decode_chunk")]
+  assert sorted(programs) == [("_admit", True)] * 3 + [("_decode_chunk", True)], compiled
+  as_needed = {c.id: c for c in engine().run(examples)}
+  assert ahead == as_needed and len(ahead) == 7
 
 
 def test_tokenizers_that_disagree_are_refused(tmp_path):

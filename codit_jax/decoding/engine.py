@@ -23,7 +23,9 @@ generate) and MaxText's offline engine:
 The host (`Engine.run`) loops: admit waiting prompts (in length order) into the
 free slots, dispatch a chunk, read the replicated done flags, hand the finished
 rows on. The state is donated to every program, and nothing returns to the host
-per token.
+per token. With compile_ahead (codit-generate), the decode program and the admit
+programs of the run's buckets compile first in background threads, side by side
+and while the first rows decode, instead of one after another as each is needed.
 
 A row's tokens depend only on its own data: its prompt, its sampling keys
 fold_in(fold_in(key(seed), hash(id)), t) with t its own token index, its own
@@ -42,8 +44,10 @@ model, both at once, and only the logits cross between the halves.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import math
+import os
 import time
 from collections import deque
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -425,12 +429,14 @@ class Engine:
     return max(1, min(self.batch_size // 8, self.admit_tokens // bucket))
 
   def run(self, examples: Sequence[tuple[str, Sequence[int]]],
-          on_chunk: Callable[[EngineStats], None] | None = None) -> Iterator[Completion]:
+          on_chunk: Callable[[EngineStats], None] | None = None,
+          compile_ahead: bool = False) -> Iterator[Completion]:
     """Completions of (id, prompt ids) pairs, as their rows finish (this process's rows only).
 
     Every process of a multi-process run calls this with the same examples; each
     gets back the rows that its devices decoded. Prompts are admitted shortest
-    first. on_chunk(stats) is called after every decode chunk.
+    first. on_chunk(stats) is called after every decode chunk. compile_ahead:
+    compile the run's programs in background threads first (`_compile_ahead`).
     """
     for _, ids in examples:
       self.bucket_for(len(ids))
@@ -440,6 +446,15 @@ class Engine:
     started = time.perf_counter()
     state = init_state(self.post, self.pre, settings=self.settings, slots=self.batch_size,
                        cache_len=self.cache_len, mesh=self.mesh)
+    compiling = self._compile_ahead(state, seed, [len(ids) for _, ids in waiting]) if compile_ahead else {}
+    try:
+      yield from self._loop(state, seed, waiting, occupant, started, on_chunk, compiling)
+    finally:
+      for future in compiling.values():
+        future.cancel()  # those not started (the run ended early); running ones finish in their thread
+
+  def _loop(self, state, seed, waiting, occupant, started, on_chunk, compiling) -> Iterator[Completion]:
+    ready = lambda key: compiling[key].result() if key in compiling else None  # noqa: E731
     while waiting or any(o is not None for o in occupant):
       free = [s for s, o in enumerate(occupant) if o is None]
       while waiting and free:
@@ -449,12 +464,14 @@ class Engine:
         while waiting and len(group) < min(size, len(free)) and self.bucket_for(len(waiting[0][1])) == bucket:
           group.append(waiting.popleft())
         targets, free = free[:len(group)], free[len(group):]
+        ready(("admit", bucket))
         state = admit(self.post, self.pre, state, *self._group_inputs(group, targets, bucket, size), seed,
                       settings=self.settings, cache_len=self.cache_len, mesh=self.mesh)
         for example, slot in zip(group, targets):
           occupant[slot] = example
       min_free = min(self.group_size(self.bucket_for(len(waiting[0][1]))), len(waiting)) if waiting else \
           self.batch_size
+      ready("decode")
       state, report = decode_chunk(self.post, self.pre, state, seed, np.int32(min_free), settings=self.settings,
                                    chunk_steps=self.chunk_steps, mesh=self.mesh)
       done = np.asarray(report.done)
@@ -468,6 +485,39 @@ class Engine:
       self.stats.seconds = time.perf_counter() - started
       if on_chunk is not None:
         on_chunk(self.stats)
+
+  def _compile_ahead(self, state: DecodeState, seed, prompt_lengths: Sequence[int]) -> dict:
+    """Starts compiling the programs this run calls, in background threads (as many as there are cores,
+    at most one per program): the admit program of every bucket its prompts fall in and the decode
+    program, in the order they are first needed.
+
+    XLA compiles without holding the GIL, so the programs compile side by side (a cold start on a
+    real model compiles one admit program per bucket, each as big as a model's forward pass) and
+    while the first rows decode. Compiling fills jax's caches, so the calls in `_loop` find their
+    programs compiled once their future is done. Returns {("admit", bucket) or "decode": future}.
+    """
+    # Shapes and shardings only: the state is donated while the threads trace. Without a mesh the
+    # arrays are uncommitted (on the default device): so must their stand-ins be, or the calls would
+    # not find these programs in jax's caches.
+    abstract = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if self.mesh else None), tree)
+    state = abstract(state)
+    buckets = sorted({self.bucket_for(n) for n in prompt_lengths})
+    jobs = {}
+    for bucket in buckets:
+      inputs = abstract(self._group_inputs([], [], bucket, self.group_size(bucket)))
+      jobs[("admit", bucket)] = lambda inputs=inputs: admit.lower(
+          self.post, self.pre, state, *inputs, seed, settings=self.settings, cache_len=self.cache_len,
+          mesh=self.mesh).compile()
+      if len(jobs) == 1:
+        jobs["decode"] = lambda: decode_chunk.lower(
+            self.post, self.pre, state, seed, np.int32(self.batch_size), settings=self.settings,
+            chunk_steps=self.chunk_steps, mesh=self.mesh).compile()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1)),
+                                                 thread_name_prefix="codit-compile")
+    futures = {key: pool.submit(job) for key, job in jobs.items()}
+    pool.shutdown(wait=False)
+    return futures
 
   def _group_inputs(self, group, targets, bucket: int, size: int):
     tokens = np.zeros((size, bucket), np.int32)
