@@ -255,6 +255,19 @@ def _param_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, p
 _PAIR_FREE_FIELDS = ("max_position_embeddings",)
 
 
+def pair_problem(cfg: ModelConfig, pre_cfg: ModelConfig) -> str | None:
+  """Why the two models of a pair cannot be stacked for pair_parallel (None: they can)."""
+  differing = [f.name for f in dataclasses.fields(cfg)
+               if f.name not in _PAIR_FREE_FIELDS and getattr(cfg, f.name) != getattr(pre_cfg, f.name)]
+  if differing:
+    return (f"they differ in {', '.join(differing)}, and pair_parallel stacks the two models into one program, "
+            "which needs the same architecture and shapes")
+  if cfg.moe_layers:
+    return ("the post-trained model has mixture-of-experts layers, which pair_parallel does not support "
+            "(experts are split over 'model' instead)")
+  return None
+
+
 def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.PathLike, mesh: Mesh,
               dtype: str = "float32") -> Decoder:
   """Both models of a CoDIT pair as one Decoder whose every parameter is (2, *shape): [0] the
@@ -266,15 +279,9 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
     raise CheckpointError("load_pair needs a mesh with a 'pair' axis: parallel.make_mesh(..., pair_parallel=True).")
   paths = [resolve(str(name)) for name in (post_name_or_path, pre_name_or_path)]
   cfg, pre_cfg = (load_config(path)[1] for path in paths)
-  differing = [f.name for f in dataclasses.fields(cfg)
-               if f.name not in _PAIR_FREE_FIELDS and getattr(cfg, f.name) != getattr(pre_cfg, f.name)]
-  if differing:
-    raise CheckpointError(
-        f"{paths[0]} and {paths[1]} differ in {', '.join(differing)}: pair_parallel stacks the two models "
-        "into one program and needs the same architecture and shapes. Turn pair_parallel off for this pair.")
-  if cfg.moe_layers:
-    raise CheckpointError(f"{paths[0]} has mixture-of-experts layers, which pair_parallel does not support "
-                          "(experts are split over 'model' instead): turn pair_parallel off.")
+  problem = pair_problem(cfg, pre_cfg)
+  if problem:
+    raise CheckpointError(f"{paths[0]} and {paths[1]}: {problem}. Turn pair_parallel off for this pair.")
   folders = [SafetensorsFolder(path) for path in paths]
   prefixes = [_weight_prefixes_or_raise(tensors) for tensors in folders]
   np_dtype = np.dtype(DTYPES[dtype])

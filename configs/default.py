@@ -58,8 +58,10 @@ def get_config() -> config_dict.ConfigDict:
   config.model_parallelism = 0
   config.kv_cache_gib = 0.0  # KV cache per device; 0: what the devices have free after the weights, less a margin
   # CoDIT only: the post-trained model on one half of the devices, the pre-trained on the
-  # other, both stepping at once (needs an even device count and a pair of equal shapes).
-  config.pair_parallel = False
+  # other, both stepping at once (needs an even device count and a pair of equal shapes; the
+  # same tokens). None: on for a pair of equal shapes on a CPU host of two or more cores, which
+  # codit-generate then makes two host devices, one per model; off on GPU and TPU.
+  config.pair_parallel = config_dict.placeholder(bool)
   config.min_bucket = 64  # smallest prompt-length bucket; buckets double up to max_prompt_len
   config.compilation_cache_dir = "~/.cache/codit_jax/xla"  # '' turns JAX's persistent cache off
 

@@ -68,8 +68,11 @@ def _records(output_dir) -> dict:
 
 
 def _cli(args, env_extra=None, devices=1, **popen_kw):
+  """codit-generate in a subprocess on `devices` host devices (None: as many as it picks itself)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env_extra or {}))
+  if devices is None:
+    env.pop("XLA_FLAGS")
   return subprocess.Popen([sys.executable, "-m", "codit_jax.generate", f"--config={DEFAULT_CONFIG}", *args],
                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           **popen_kw)
@@ -142,6 +145,35 @@ def test_pair_parallel_writes_the_same_dataset(tmp_path):
   for key, row in datasets[0].items():
     assert datasets[1][key]["response_tokens"] == row["response_tokens"]
     np.testing.assert_allclose(datasets[1][key]["pre_logprobs"], row["pre_logprobs"], atol=1e-5)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pair_parallel is left off on one core")
+def test_cli_on_a_cpu_host_runs_an_equal_pair_one_model_per_core(tmp_path):
+  """pair_parallel left unset (None): codit-generate, on a CPU host of 2 cores where nobody set the
+  device count, makes two host devices and runs the pair on them; the same dataset as
+  pair_parallel=False, which keeps one device. A pair of unequal shapes stays on one device."""
+  equal = tuple(tiny_checkpoints.make_checkpoint(tmp_path / name, "llama", seed=seed, pre_trained=name == "pre")
+                for name, seed in (("post", 0), ("pre", 1)))
+  prompts_file = str(_write_prompts(tmp_path / "seed.jsonl", 5))
+  runs = {}
+  for name, pair, extra in (("auto", equal, {}), ("off", equal, {"pair_parallel": False}),
+                            ("unequal", _pair("llama"), {})):
+    settings = _overrides(tmp_path, prompts=prompts_file, post_trained=pair[0], pre_trained=pair[1],
+                          output_dir=str(tmp_path / name), **extra)
+    run = _cli(_flags(settings), devices=None)
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err
+    runs[name] = err, _records(settings["output_dir"])
+  assert "pair_parallel on: CPU host, one model per core (two host devices)" in runs["auto"][0]
+  assert "per half (pair_parallel)" in runs["auto"][0]  # the memory plan
+  assert "pair_parallel on" not in runs["off"][0] and "per half" not in runs["off"][0]
+  assert "pair_parallel off: they differ in vocab_size" in runs["unequal"][0]
+  assert "per half" not in runs["unequal"][0] and "data_parallel 1;" in runs["unequal"][0]
+  auto, off = runs["auto"][1], runs["off"][1]
+  assert auto.keys() == off.keys() and len(auto) == 5
+  for key, row in off.items():
+    assert auto[key]["response_tokens"] == row["response_tokens"]
+    np.testing.assert_allclose(auto[key]["pre_logprobs"], row["pre_logprobs"], atol=1e-5)
 
 
 def test_direct_mode_records_no_pre_logprobs(tmp_path):
@@ -312,6 +344,10 @@ def test_other_settings_against_existing_output_refused_unless_forced(tmp_path):
   assert tfds.builder_from_directory(settings["output_dir"]).info.metadata["alpha"] == 0.05
   # The same settings again: nothing to do, the dataset stays.
   assert generate_app.generate(_config(**dict(settings, alpha=0.05)))["rows"] == 2
+  # A run.json of an earlier version, which recorded pair_parallel (it decides no record): resumed.
+  run_file = Path(settings["output_dir"]) / "run.json"
+  run_file.write_text(json.dumps(dict(json.loads(run_file.read_text()), pair_parallel=False)))
+  assert generate_app.generate(_config(**dict(settings, alpha=0.05, pair_parallel=False)))["rows"] == 2
 
 
 def test_long_prompts_are_answered_in_a_second_pass(tmp_path, monkeypatch):

@@ -162,7 +162,7 @@ class DatasetWriter:
 
   def __init__(self, output_dir: str, run_settings: Mapping[str, Any], *, process_index: int = 0,
                num_processes: int = 1, rows_per_shard: int = 1000, write_jsonl: bool = False,
-               write_parquet: bool = False):
+               write_parquet: bool = False, not_content: frozenset = frozenset()):
     if rows_per_shard < 1:
       raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
     self.output_dir = output_dir.rstrip("/") or "/"
@@ -170,6 +170,9 @@ class DatasetWriter:
       # etils reaches gs:// through tf.io.gfile: import TF now, without its native start-up lines.
       runtime.import_tensorflow_quietly()
     self.run_settings = dict(run_settings)
+    # Keys that do not decide the dataset: dropped from a run.json that an earlier version wrote
+    # with them (pair_parallel was one), so that such a dataset still resumes.
+    self.not_content = frozenset(not_content)
     self.process_index = process_index
     self.num_processes = num_processes
     self.rows_per_shard = rows_per_shard
@@ -249,10 +252,14 @@ class DatasetWriter:
     if not _exists(run_file):
       return None
     try:
-      return json.loads(_read_text(run_file))
+      settings = json.loads(_read_text(run_file))
     except json.JSONDecodeError as e:
       raise CoditError(f"{run_file} is not valid JSON ({e}). Pass --force to start over, or "
                        "choose another output_dir.") from None
+    if not isinstance(settings, dict):
+      raise CoditError(f"{run_file} holds no settings object. Pass --force to start over, or choose another "
+                       "output_dir.")
+    return {key: value for key, value in settings.items() if key not in self.not_content}
 
   def _check_writable(self, folder: str) -> None:
     """Writes and removes a probe file: the only reliable test (root ignores permissions)."""
