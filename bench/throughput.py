@@ -10,10 +10,11 @@ post-trained model's lm_head row of the end token <|im_end|> is scaled by
 wide range, roughly geometrically, while some rows never stop and run to
 --max_new_tokens, as degenerate real responses do. Then, on the same prompts,
 greedy, float32:
-  - codit-generate of this checkout (continuous batching), a subprocess;
-  - the same with pair_parallel on two host devices (XLA_FLAGS=
-    --xla_force_host_platform_device_count=2): one model per core (skip with
-    --skip_pair_parallel);
+  - codit-generate of this checkout (continuous batching), a subprocess, as a
+    user runs it: on a CPU host of 2+ cores it makes two host devices and steps
+    one model on each (pair_parallel left unset);
+  - the same with pair_parallel=False: both models on one host device, one core
+    (skip with --skip_one_device);
   - codit-generate of the static-batch engine (--static_commit, the commit
     before continuous batching, extracted with git archive), a subprocess;
   - a plain batched Hugging Face PyTorch CoDIT loop (this file with
@@ -66,8 +67,8 @@ def parse_args():
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   parser.add_argument("--skip_static", action="store_true")
   parser.add_argument("--skip_torch", action="store_true")
-  parser.add_argument("--skip_pair_parallel", action="store_true",
-                      help="no run with pair_parallel on two host devices (one model per core)")
+  parser.add_argument("--skip_one_device", action="store_true",
+                      help="no run with pair_parallel=False (both models on one host device)")
   parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
   parser.add_argument("--hf_worker", nargs=3, metavar=("POST", "PRE", "OUT"), help=argparse.SUPPRESS)
   parser.add_argument("--prompts_file", help=argparse.SUPPRESS)
@@ -131,15 +132,15 @@ def write_prompts(path: Path, n: int) -> None:
 
 
 def run_generate(args, cwd: Path, post: str, pre: str, prompts: Path, out: Path, cache: Path,
-                 env_extra: dict | None = None, **extra) -> tuple[float, str]:
+                 **extra) -> tuple[float, str]:
   """codit-generate (the checkout at cwd) end to end: (wall seconds, its log)."""
   overrides = dict(post_trained=post, pre_trained=pre, prompts=prompts, output_dir=out, temperature=0.0,
                    max_new_tokens=args.max_new_tokens, batch_size=args.batch, dtype="float32", max_prompt_len=128,
                    min_bucket=32, compilation_cache_dir=cache, log_every_seconds=1e9, **extra)
   command = [sys.executable, "-m", "codit_jax.generate", f"--config={cwd / 'configs' / 'default.py'}",
              *(f"--config.{k}={v}" for k, v in overrides.items())]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1", **(env_extra or {}))
-  env.pop("PYTHONPATH", None)
+  env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}  # the devices it picks itself
+  env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", HF_HUB_OFFLINE="1")
   started = time.perf_counter()
   done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
   seconds = time.perf_counter() - started
@@ -201,25 +202,24 @@ def main():
                for r in map(json.loads, prompts_file.read_text().splitlines())}
 
     runs, rows, utilization = {}, {}, {}
-    # name: (checkout, config overrides, environment)
-    variants = {"continuous (this checkout)": (REPO, {}, {})}
-    if not args.skip_pair_parallel and (os.cpu_count() or 1) >= 2:
-      # XLA:CPU runs one decode step's ops one after another, on one core: two host devices, one
-      # model each (pair_parallel), step both models at once.
-      variants["continuous, pair_parallel on 2 host devices"] = (
-          REPO, {"pair_parallel": True}, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    # name: (checkout, config overrides)
+    variants = {"continuous (this checkout)": (REPO, {})}
+    if not args.skip_one_device:
+      # XLA:CPU runs one decode step's ops one after another, on one core: the default steps the two
+      # models on two host devices at once (pair_parallel); this is both on one.
+      variants["continuous, pair_parallel=False (one host device)"] = (REPO, {"pair_parallel": False})
     if not args.skip_static:
       static = tmp / "static"
       static.mkdir()
       archive = subprocess.run(["git", "-C", str(REPO), "archive", args.static_commit, "codit_jax", "configs"],
                                capture_output=True, check=True).stdout
       subprocess.run(["tar", "-x", "-C", str(static)], input=archive, check=True)
-      variants[f"static ({args.static_commit})"] = (static, {}, {})
-    for name, (cwd, overrides, env) in variants.items():
+      variants[f"static ({args.static_commit})"] = (static, {})
+    for name, (cwd, overrides) in variants.items():
       cache = tmp / f"xla-{len(runs)}"
       for phase in ("cold", "warm"):
         out = tmp / f"out-{len(runs)}-{phase}"
-        seconds, log = run_generate(args, cwd, post, pre, prompts_file, out, cache, env, **overrides)
+        seconds, log = run_generate(args, cwd, post, pre, prompts_file, out, cache, **overrides)
         runs[f"{name}, {phase}"] = seconds
       examples = list(writer.read_examples(str(out)))
       rows[name] = {e["id"]: (list(e["response_tokens"]), e["finish_reason"]) for e in examples}
@@ -277,10 +277,10 @@ def main():
                f"{sum(r == 'length' for _, r in reference.values())} at the cap; {stop_tokens} tokens instead of "
                f"{tokens} ({1 - stop_tokens / tokens:.0%} fewer), {stop_seconds:.1f} s instead of "
                f"{runs['continuous (this checkout), warm']:.1f} s; the other rows unchanged: {same:.0%}")
-  pair = "continuous, pair_parallel on 2 host devices, warm"
-  if pair in runs:
-    lines.append(f"- pair_parallel on 2 host devices over one device (warm): "
-                 f"{runs['continuous (this checkout), warm'] / runs[pair]:.2f}x")
+  one = "continuous, pair_parallel=False (one host device), warm"
+  if one in runs:
+    lines.append(f"- the default (pair_parallel on 2 host devices) over one host device (warm): "
+                 f"{runs[one] / runs['continuous (this checkout), warm']:.2f}x")
   if f"static ({args.static_commit}), warm" in runs:
     lines.append(f"- continuous over static engine (warm): "
                  f"{runs[f'static ({args.static_commit}), warm'] / runs['continuous (this checkout), warm']:.2f}x")

@@ -251,8 +251,10 @@ def _param_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, p
 
 # Config fields two checkpoints of a pair may differ in and still share one program:
 # the context length only bounds the prompts (a pair's instruct model is often
-# trained longer than its base, e.g. Qwen3-8B 40960 against Qwen3-8B-Base 32768).
-_PAIR_FREE_FIELDS = ("max_position_embeddings",)
+# trained longer than its base, e.g. Qwen3-8B 40960 against Qwen3-8B-Base 32768), and
+# the embedding's padding past the tokenizer is padded further with zero rows to the
+# larger of the two (no real token reads those rows; their logits are cut off).
+_PAIR_FREE_FIELDS = ("max_position_embeddings", "vocab_size")
 
 
 def pair_problem(cfg: ModelConfig, pre_cfg: ModelConfig) -> str | None:
@@ -285,9 +287,14 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
   folders = [SafetensorsFolder(path) for path in paths]
   prefixes = [_weight_prefixes_or_raise(tensors) for tensors in folders]
   np_dtype = np.dtype(DTYPES[dtype])
+  vocab_sizes = (cfg.vocab_size, pre_cfg.vocab_size)
+  cfg = dataclasses.replace(cfg, vocab_size=max(vocab_sizes))
 
   def load(path_parts, shape):
-    readers = [_param_reader(t, path_parts, shape, p, np_dtype) for t, p in zip(folders, prefixes)]
+    axis = _vocab_axis(path_parts)
+    readers = [_param_reader(t, path_parts, shape, p, np_dtype) if axis is None else
+               _zero_padded(_param_reader(t, path_parts, _with(shape, axis, vocab), p, np_dtype), shape, axis, vocab)
+               for t, p, vocab in zip(folders, prefixes, vocab_sizes)]
 
     def read(index):
       index = _full_index(index, len(shape) + 1)
@@ -305,6 +312,34 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
 
 def _full_index(index: tuple, ndim: int) -> tuple:
   return tuple(index) + (slice(None),) * (ndim - len(index))
+
+
+def _vocab_axis(path_parts: tuple) -> int | None:
+  """The vocabulary axis of a parameter: the embedding's rows, the lm_head kernel's columns; else None."""
+  return {("embed_tokens", "embedding"): 0, ("lm_head", "kernel"): 1}.get(tuple(map(str, path_parts)))
+
+
+def _with(shape: tuple, axis: int, size: int) -> tuple:
+  return shape[:axis] + (size,) + shape[axis + 1:]
+
+
+def _zero_padded(read, shape: tuple, axis: int, size: int):
+  """read(index) of a parameter of `shape`, whose first `size` entries on `axis` are the ones `read`
+  (a reader of that smaller parameter) gives and the rest zeros."""
+  def padded(index):
+    index = _full_index(index, len(shape))
+    start, stop, step = index[axis].indices(shape[axis])
+    if step != 1:
+      raise ValueError(f"a strided read {index[axis]} of a padded parameter")
+    out_shape = [len(range(*i.indices(n))) for i, n in zip(index, shape)]
+    out = np.zeros(out_shape, read(_with(index, axis, slice(0, 0))).dtype)
+    inside = slice(min(start, size), min(stop, size))
+    if inside.stop > inside.start:
+      where = [slice(None)] * len(shape)
+      where[axis] = slice(0, inside.stop - inside.start)
+      out[tuple(where)] = read(_with(index, axis, inside))
+    return out
+  return padded
 
 
 def _tensor_reader(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, np_dtype):

@@ -186,16 +186,23 @@ def _same_shape_pair(family):
                for name, seed in (("post", 0), ("pre", 1)))
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_pair_parallel_equals_one_model_after_the_other(family):
+@pytest.mark.parametrize("family,padding", [("llama", "alike"), ("gemma3", "alike"), ("llama", "differently")])
+def test_pair_parallel_equals_one_model_after_the_other(family, padding):
   """Each model on its own half of 8 devices (pair 2 x data 2 x model 2), both at once: the same tokens
-  and log-probs as the two models run in turn on one device, greedy and sampled."""
-  post_path, pre_path = _same_shape_pair(family)
+  and log-probs as the two models run in turn on one device, greedy and sampled. Embeddings padded
+  differently past the tokenizer (make_pair's) are padded with zero rows to the larger."""
+  post_path, pre_path = _same_shape_pair(family) if padding == "alike" else _pair(family)
   post, pre = (checkpoints.load_model(p) for p in (post_path, pre_path))
   mesh = parallel.make_mesh(model_parallelism=2, pair_parallel=True)
   assert dict(mesh.shape) == {"pair": 2, "data": 2, "model": 2}
   pair = checkpoints.load_pair(post_path, pre_path, mesh)
   assert pair.layers[0].mlp.up_proj.kernel[...].sharding.spec[0] == "pair"
+  embeddings = np.asarray(pair.embed_tokens.embedding[...])
+  for which, model in enumerate((post, pre)):  # each model's rows, then zeros up to the larger padding
+    own = np.asarray(model.embed_tokens.embedding[...])
+    np.testing.assert_array_equal(embeddings[which, :len(own)], own)
+    assert not embeddings[which, len(own):].any()
+  assert (post.cfg.vocab_size != pre.cfg.vocab_size) == (padding == "differently")
   examples = _prompts(6)
   for sampling_kw in (dict(), dict(temperature=1.0, top_p=0.9)):
     in_turn = _generate(Engine(post, pre, _settings(**sampling_kw), batch_size=4, max_prompt_len=64, seed=3), examples)
@@ -226,9 +233,8 @@ def test_long_generation_reads_cache_by_blocks_alone_and_pair_parallel():
 
 def test_pair_parallel_refusals():
   mesh = parallel.make_mesh(pair_parallel=True)
-  post_path, pre_path = _pair("llama")  # embeddings padded to different sizes
-  with pytest.raises(CoditError, match="differ in vocab_size.*pair_parallel"):
-    checkpoints.load_pair(post_path, pre_path, mesh)
+  with pytest.raises(CoditError, match="differ in .*pair_parallel stacks"):
+    checkpoints.load_pair(_pair("llama")[0], _pair("qwen3")[1], mesh)
   with pytest.raises(CoditError, match="'pair' axis"):
     checkpoints.load_pair(*_same_shape_pair("llama"), parallel.make_mesh())
   with pytest.raises(CoditError, match="two halves"):

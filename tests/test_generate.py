@@ -151,13 +151,15 @@ def test_pair_parallel_writes_the_same_dataset(tmp_path):
 def test_cli_on_a_cpu_host_runs_an_equal_pair_one_model_per_core(tmp_path):
   """pair_parallel left unset (None): codit-generate, on a CPU host of 2 cores where nobody set the
   device count, makes two host devices and runs the pair on them; the same dataset as
-  pair_parallel=False, which keeps one device. A pair of unequal shapes stays on one device."""
-  equal = tuple(tiny_checkpoints.make_checkpoint(tmp_path / name, "llama", seed=seed, pre_trained=name == "pre")
-                for name, seed in (("post", 0), ("pre", 1)))
+  pair_parallel=False, which keeps one device. A pair of other shapes stays on one device."""
+  equal = _pair("llama")  # embeddings padded differently: still stackable
+  unequal = tuple(tiny_checkpoints.make_checkpoint(tmp_path / name, "llama", seed=seed, pre_trained=name == "pre",
+                                                   config_overrides={"intermediate_size": size})
+                  for name, seed, size in (("post", 0, 64), ("pre", 1, 96)))
   prompts_file = str(_write_prompts(tmp_path / "seed.jsonl", 5))
   runs = {}
   for name, pair, extra in (("auto", equal, {}), ("off", equal, {"pair_parallel": False}),
-                            ("unequal", _pair("llama"), {})):
+                            ("unequal", unequal, {})):
     settings = _overrides(tmp_path, prompts=prompts_file, post_trained=pair[0], pre_trained=pair[1],
                           output_dir=str(tmp_path / name), **extra)
     run = _cli(_flags(settings), devices=None)
@@ -167,7 +169,7 @@ def test_cli_on_a_cpu_host_runs_an_equal_pair_one_model_per_core(tmp_path):
   assert "pair_parallel on: CPU host, one model per core (two host devices)" in runs["auto"][0]
   assert "per half (pair_parallel)" in runs["auto"][0]  # the memory plan
   assert "pair_parallel on" not in runs["off"][0] and "per half" not in runs["off"][0]
-  assert "pair_parallel off: they differ in vocab_size" in runs["unequal"][0]
+  assert "pair_parallel off: they differ in intermediate_size" in runs["unequal"][0]
   assert "per half" not in runs["unequal"][0] and "data_parallel 1;" in runs["unequal"][0]
   auto, off = runs["auto"][1], runs["off"][1]
   assert auto.keys() == off.keys() and len(auto) == 5
