@@ -528,3 +528,19 @@ def test_batch_plan_is_deterministic_and_resumable():
   assert sorted(i for row in rows for i in row) == list(range(len(examples)))
   assert all(sum(len(examples[i].tokens) for i in row) <= 12 for row in rows)
   assert plan.rows(1) != rows  # reshuffled per epoch
+
+
+def test_ctrl_c_inside_tensorboard_writes_is_delivered_after_them():
+  """A SIGINT during MetricsLog's TensorFlow calls used to raise inside TF's eager C++ code and crash
+  codit-train (a segfault); it now waits for the block to finish, then interrupts as usual."""
+  from codit_jax.train import metrics  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGINT)
+  ran = []
+  with pytest.raises(KeyboardInterrupt):
+    with metrics.interrupts_held():
+      signal.raise_signal(signal.SIGINT)
+      ran.append("the rest of the block")
+  assert ran == ["the rest of the block"] and signal.getsignal(signal.SIGINT) is before
+  with metrics.interrupts_held():  # no signal: nothing raised
+    ran.append("quiet")
+  assert ran[-1] == "quiet"

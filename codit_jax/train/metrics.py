@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 from pathlib import Path
 
 from absl import logging
@@ -39,14 +42,37 @@ class MetricsLog:
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     logging.info("step %d | %s", step, " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k != "step"))
-    with self._writer.as_default(step=step):
+    with interrupts_held(), self._writer.as_default(step=step):
       for name, value in record.items():
         if name != "step":
           self._tf.summary.write(name, self._tf.constant(value, self._tf.float32), metadata=self._scalar)
-    self._writer.flush()
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    with interrupts_held():
+      self._writer.close()
+
+
+@contextlib.contextmanager
+def interrupts_held():
+  """Delivers a Ctrl-C (SIGINT) that arrives inside the block once the block is done.
+
+  A KeyboardInterrupt raised while TensorFlow's eager C++ code is running (it checks for signals
+  and calls back into Python) crashed codit-train with a segmentation fault, instead of the
+  clean "interrupted; rerun the same command to resume" exit. Only the main thread receives
+  signals; elsewhere the block runs as it is.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  pending = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if pending:
+    raise KeyboardInterrupt
 
 
 def _fmt(value: float) -> str:
