@@ -293,7 +293,8 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
   def load(path_parts, shape):
     axis = _vocab_axis(path_parts)
     readers = [_param_reader(t, path_parts, shape, p, np_dtype) if axis is None else
-               _zero_padded(_param_reader(t, path_parts, _with(shape, axis, vocab), p, np_dtype), shape, axis, vocab)
+               _zero_padded(_param_reader(t, path_parts, _with(shape, axis, vocab), p, np_dtype), shape, axis, vocab,
+                            np_dtype)
                for t, p, vocab in zip(folders, prefixes, vocab_sizes)]
 
     def read(index):
@@ -323,16 +324,16 @@ def _with(shape: tuple, axis: int, size: int) -> tuple:
   return shape[:axis] + (size,) + shape[axis + 1:]
 
 
-def _zero_padded(read, shape: tuple, axis: int, size: int):
+def _zero_padded(read, shape: tuple, axis: int, size: int, np_dtype):
   """read(index) of a parameter of `shape`, whose first `size` entries on `axis` are the ones `read`
-  (a reader of that smaller parameter) gives and the rest zeros."""
+  (a reader of that smaller parameter, in np_dtype) gives and the rest zeros."""
   def padded(index):
     index = _full_index(index, len(shape))
     start, stop, step = index[axis].indices(shape[axis])
     if step != 1:
       raise ValueError(f"a strided read {index[axis]} of a padded parameter")
     out_shape = [len(range(*i.indices(n))) for i, n in zip(index, shape)]
-    out = np.zeros(out_shape, read(_with(index, axis, slice(0, 0))).dtype)
+    out = np.zeros(out_shape, np_dtype)
     inside = slice(min(start, size), min(stop, size))
     if inside.stop > inside.start:
       where = [slice(None)] * len(shape)

@@ -309,7 +309,7 @@ def generate(config, force: bool = False) -> dict:
   decode_settings = engine_lib.DecodeSettings(
       vocab_size=vocab_size, end_ids=end_ids, mode=config.mode, alpha=config.alpha, beta=config.beta,
       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-      max_new_tokens=config.max_new_tokens, pair_parallel=_pair_parallel(config, post_cfg, pre_cfg) if codit else False,
+      max_new_tokens=config.max_new_tokens, pair_parallel=_pair_parallel(config, post_cfg, pre_cfg),
       stop_repetitive=repetition_stop.RepetitionRule() if config.stop_repetitive else None)
   items, report = read_prompts(config, post_tokenizer, max_prompt_len, enable_thinking)
   main_prompt_len = min(MAIN_PROMPT_LEN, max_prompt_len)
