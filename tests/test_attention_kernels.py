@@ -53,10 +53,10 @@ def _reference(q, keys, values, start, end, scale, softcap=None, block=ak.REFERE
   return ak.reference_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap, block=block)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "softcap", "interpret"))
-def _kernel_layout(q, keys, values, start, end, scale, softcap=None, interpret=True):
+@functools.partial(jax.jit, static_argnames=("scale", "softcap", "window", "interpret"))
+def _kernel_layout(q, keys, values, start, end, scale, softcap=None, window=None, interpret="gpu"):
   return ak.kernel_layout_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap,
-                                           interpret=interpret)
+                                           window=window, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "scale"))
@@ -117,7 +117,7 @@ def test_platform_dependent_wrapper_on_cpu_is_the_reference():
   index = _rows(slots, window)
   start, end = decoder.visible_range(index, window)
   q, keys, values = _inputs(len(index), 8, 2, 64, slots, jnp.float32)
-  out = _kernel_layout(q, keys, values, start, end, 0.125, interpret=False)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, interpret=None)
   reference = _reference(q[:, 0], keys, values, start, end, 0.125)
   np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(reference))
   dispatched = jax.jit(lambda *a: ak.decode_attention(*a, scale=0.125, layout=ak.cache_layout()))(
@@ -170,7 +170,7 @@ def test_no_cache_transpose_in_hlo():
   the pair, so the compiled step reads the cache as stored (no transposed copy)."""
   q, keys, values = _inputs(4, 8, 2, 64, 1024, jnp.float32)
   start, end = jnp.zeros(4, jnp.int32), jnp.full(4, 1024, jnp.int32)
-  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret=True))
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret="gpu"))
   hlo = run.lower(q, keys, values, start, end).compile().as_text()
   assert "transpose(" not in hlo
 
@@ -183,6 +183,101 @@ def test_cuda_lowering_uses_the_triton_kernel():
   run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5))
   text = run.trace(q, kv, kv, rows, rows).lower(lowering_platforms=("cuda",)).as_text()
   assert "xla.gpu.triton" in text
+
+
+# ---- The Pallas TPU kernel (ops.tpu.paged_attention), in TPU interpret mode on CPU.
+
+# (heads, kv_heads, head_dim, slots, window): pages of 512, 256 and 128 slots (`tpu_page`), 1 to 8
+# query heads per kv head (8: the kernel's q tile path without a reshape), a window as long as the cache.
+TPU_CASES = [
+    (8, 2, 128, 512, None),
+    (4, 4, 128, 768, None),
+    (16, 2, 256, 1024, 1024),
+    (8, 1, 128, 384, None),
+]
+
+# The kernel and the reference read the same bfloat16 keys and values and compute in float32 (the
+# kernel's softmax by pages): they differ by float32 rounding, then one bfloat16 rounding of the output.
+TPU_TOLERANCE = dict(atol=1e-2, rtol=1e-2)
+
+
+def _tpu_rows(slots):
+  """(start, end) of rows on their own clocks, every one from slot 0 (no window shorter than the
+  cache), plus a row that is not live (start == end)."""
+  end = jnp.asarray([slots, 41, slots - 1, slots // 2 + 5, 1, 21, 0], jnp.int32)
+  return jnp.zeros_like(end), end
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,slots,window", TPU_CASES)
+def test_interpreted_tpu_kernel_matches_reference(heads, kv_heads, head_dim, slots, window, softcap):
+  start, end = _tpu_rows(slots)
+  q, keys, values = _inputs(len(end), heads, kv_heads, head_dim, slots, jnp.bfloat16)
+  scale = head_dim ** -0.5
+  assert ak.tpu_kernel_fits(q[:, 0].shape, keys.shape, keys.dtype, window)
+  out = _kernel_layout(q, keys, values, start, end, scale, softcap=softcap, window=window, interpret="tpu")
+  assert out.shape == q.shape and out.dtype == jnp.bfloat16
+  reference = _reference(q[:, 0], keys, values, start, end, scale, softcap=softcap)
+  np.testing.assert_allclose(_f32(out[:, 0]), _f32(reference), **TPU_TOLERANCE)
+  assert np.all(_f32(out[-1]) == 0)  # the row that is not live
+  # the kernel ran, not the reference: the traced program is the TPU Pallas call
+  jaxpr = str(_kernel_layout.trace(q, keys, values, start, end, scale, softcap=softcap, window=window,
+                                   interpret="tpu").jaxpr)
+  assert "name=paged_attention" in jaxpr and "interpret=InterpretParams" in jaxpr and "platform_index" not in jaxpr
+
+
+def test_tpu_kernel_fits_and_pages():
+  assert ak.tpu_page(4096) == 512 and ak.tpu_page(768) == 256 and ak.tpu_page(384) == 128
+  assert ak.tpu_page(200) is None and ak.tpu_page(64) is None
+  q, kv = (6, 8, 128), (6, 2, 512, 128)
+  assert ak.tpu_kernel_fits(q, kv, jnp.bfloat16) and ak.tpu_kernel_fits(q, kv, jnp.bfloat16, window=512)
+  assert not ak.tpu_kernel_fits(q, kv, jnp.float32)  # the kernel would load the cache as bfloat16
+  assert not ak.tpu_kernel_fits(q, kv, jnp.bfloat16, window=100)  # rows would start past slot 0
+  assert not ak.tpu_kernel_fits((6, 8, 64), (6, 2, 512, 64), jnp.bfloat16)  # head_dim under 128
+  assert not ak.tpu_kernel_fits((6, 8, 128), (6, 2, 200, 128), jnp.bfloat16)  # no page divides 200
+  assert not ak.tpu_kernel_fits((6, 6, 128), (6, 4, 512, 128), jnp.bfloat16)  # 4 kv heads do not divide 6
+
+
+def test_tpu_branch_runs_the_reference_where_the_kernel_does_not_fit():
+  """A float32 cache, and a window shorter than the cache: bit for bit the reference, kernel or not."""
+  slots, window = 512, 100
+  index = _rows(slots, window)
+  start, end = decoder.visible_range(index, window)
+  q, keys, values = _inputs(len(index), 8, 2, 128, slots, jnp.float32)
+  out = _kernel_layout(q, keys, values, start, end, 0.125, window=window, interpret="tpu")
+  np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(_reference(q[:, 0], keys, values, start, end, 0.125)))
+  bf16 = tuple(x.astype(jnp.bfloat16) for x in (q, keys, values))
+  out = _kernel_layout(*bf16, start, end, 0.125, window=window, interpret="tpu")
+  np.testing.assert_array_equal(_f32(out[:, 0]), _f32(_reference(bf16[0][:, 0], *bf16[1:], start, end, 0.125)))
+
+
+def test_tpu_kernel_under_vmap_is_one_call_on_the_pairs_rows():
+  """pair_parallel vmaps the decode step over the pair: the kernel then runs once, on both models'
+  rows (`_pair_axis_as_rows`), and gives each model what it gives that model alone."""
+  slots = 256
+  pairs = [_inputs(4, 16, 4, 128, slots, jnp.bfloat16, seed=seed) for seed in (0, 1)]
+  q, keys, values = (jnp.stack(x) for x in zip(*pairs))
+  end = jnp.asarray([[slots, 3, 100, 0], [7, slots - 1, 1, 128]], jnp.int32)
+  start = jnp.zeros_like(end)
+  attend = lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5, interpret="tpu")  # noqa: E731
+  both = jax.jit(jax.vmap(attend))
+  out = both(q, keys, values, start, end)
+  assert str(both.trace(q, keys, values, start, end).jaxpr).count("pallas_call") == 1
+  for i in range(2):
+    np.testing.assert_array_equal(_f32(out[i]), _f32(jax.jit(attend)(q[i], keys[i], values[i], start[i], end[i])))
+
+
+def test_tpu_lowering_uses_the_mosaic_kernel():
+  """Lowered for TPU (no TPU needed), the platform_dependent wrapper is the Mosaic paged-attention call,
+  on the cache as stored: b x kv_heads = 16 sequences of 3 pages of 256 slots, 4 query heads each."""
+  q = jax.ShapeDtypeStruct((4, 1, 16, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4, 4, 768, 128), jnp.bfloat16)
+  rows = jax.ShapeDtypeStruct((4,), jnp.int32)
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=128 ** -0.5))
+  text = run.trace(q, kv, kv, rows, rows).lower(lowering_platforms=("tpu",)).as_text()
+  call = next(line for line in text.splitlines() if "@tpu_custom_call" in line)
+  assert 'kernel_name = "paged_flash_attention_kernel_inline_seq_dim"' in call
+  assert "tensor<1x48x256x128xbf16>" in call and "tensor<16x4x1x128xf32>" in call
 
 
 # ---- On a mesh (8 simulated CPU devices): the kernel shard_mapped, each device on its own rows and heads.
@@ -207,17 +302,26 @@ SHARDED_CASES = [  # (model_parallelism, heads, kv_heads, split heads over 'mode
 ]
 
 
+# The kernels' cases on a mesh: the GPU kernel with a window in float32, the TPU kernel (head_dim 128,
+# a bfloat16 cache, no window shorter than the cache).
+MESH_KERNELS = {"gpu": dict(head_dim=64, dtype=jnp.float32, window=100),
+                "tpu": dict(head_dim=128, dtype=jnp.bfloat16, window=None)}
+
+
+@pytest.mark.parametrize("kernel", list(MESH_KERNELS))
 @pytest.mark.parametrize("model_parallelism,heads,kv_heads,splits_heads", SHARDED_CASES)
-def test_sharded_kernel_equals_one_device_without_collectives(model_parallelism, heads, kv_heads, splits_heads):
+def test_sharded_kernel_equals_one_device_without_collectives(model_parallelism, heads, kv_heads, splits_heads,
+                                                              kernel):
   """The interpreted kernel shard_mapped over the mesh, its operands placed as the engine places them:
   the one-device outputs, and a compiled program with no collective (XLA would otherwise gather
   the whole cache onto every device, as it must for a call it cannot partition)."""
   mesh = parallel.make_mesh(model_parallelism)
-  slots, window, b, head_dim = 512, 100, 8, 64
+  case = MESH_KERNELS[kernel]
+  slots, window, b, head_dim = 512, case["window"], 8, case["head_dim"]
   index = jnp.asarray([slots - 1, 40, slots - 2, 300, 0, 20, 7, 170], jnp.int32)
   start, end = decoder.visible_range(index, window)
   start = start.at[6].set(end[6])  # a row not live reads nothing
-  q, keys, values = _inputs(b, heads, kv_heads, head_dim, slots, jnp.float32)
+  q, keys, values = _inputs(b, heads, kv_heads, head_dim, slots, case["dtype"])
   specs = ak.mesh_specs(mesh, b, heads, kv_heads)
   heads_axis = parallel.MODEL if splits_heads else None
   assert specs.query == P(parallel.DATA, heads_axis, None) and specs.rows == P(parallel.DATA)
@@ -225,13 +329,16 @@ def test_sharded_kernel_equals_one_device_without_collectives(model_parallelism,
   place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
   placed = (place(q, P(*specs.query[:1], None, *specs.query[1:])), place(keys, specs.cache),
             place(values, specs.cache), place(start, specs.rows), place(end, specs.rows))
-  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, interpret=True, mesh=mesh))
+  run = jax.jit(lambda *a: ak.kernel_layout_decode_attention(*a, scale=0.125, window=window, interpret=kernel,
+                                                             mesh=mesh))
   out = run(*placed)
-  np.testing.assert_allclose(np.asarray(out), np.asarray(_kernel_layout(q, keys, values, start, end, 0.125)),
-                             **TOLERANCE[jnp.float32])
-  assert np.all(np.asarray(out[6]) == 0)
+  one_device = _kernel_layout(q, keys, values, start, end, 0.125, window=window, interpret=kernel)
+  np.testing.assert_array_equal(_f32(out), _f32(one_device))  # each device's rows, computed as on one
+  assert np.all(_f32(out[6]) == 0)
   hlo = run.lower(*placed).compile().as_text()
   assert [c for c in COLLECTIVES if c + "(" in hlo or c + "-start(" in hlo] == []
+  jaxpr = str(run.trace(*placed).jaxpr)
+  assert "shard_map" in jaxpr and ("name=paged_attention" in jaxpr) == (kernel == "tpu")
 
 
 def test_cuda_lowering_on_a_mesh_runs_the_triton_kernel_per_device():
@@ -269,7 +376,7 @@ def test_kernel_layout_engine_greedy_equals_transposed_and_torch(family):
   settings = test_decoding._settings(max_new_tokens=new)
   make = lambda: Engine(post, pre, settings, batch_size=3, max_prompt_len=64, min_bucket=16)  # noqa: E731
   transposed = test_decoding._generate(make(), prompts)
-  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+  with decoder.use_cache_layout(ak.KERNEL, interpret="gpu"):
     engine = make()
     kernel = test_decoding._generate(engine, prompts)
     empty = engine_lib._empty_cache(post, 3, engine.cache_len, stacked=False)
@@ -292,7 +399,7 @@ def test_kernel_layout_row_is_independent_of_neighbours(temperature):
   """test_decoding's bitwise independence in the KERNEL layout with the interpreted kernel: a row's
   tokens and log-probs do not depend on its slot neighbours or admission time. The kernel reads each
   row's own [start, stop), in splits fixed by the cache length, so neighbours change no bit."""
-  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+  with decoder.use_cache_layout(ak.KERNEL, interpret="gpu"):
     alone, joined, engine, reasons = test_decoding._alone_and_joined(dict(batch_size=16), temperature=temperature)
   assert engine.cache_len == 2 * decoder.DECODE_BLOCK and reasons == {"stop", "length"}
   assert joined.tokens == alone.tokens and joined.finish_reason == alone.finish_reason
@@ -333,7 +440,7 @@ def test_kernel_layout_engine_on_a_mesh_equals_one_device(model_parallelism):
   post, pre, _ = test_decoding._jax_pair("llama")
   post8, pre8, mesh = test_decoding._jax_pair("llama", model_parallelism)
   assert post8.layers[0].self_attn.kernel_mesh is mesh
-  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+  with decoder.use_cache_layout(ak.KERNEL, interpret="gpu"):
     single = test_decoding._generate(Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16),
                                      examples)
     engine = Engine(post8, pre8, settings, batch_size=4, max_prompt_len=64, min_bucket=16, mesh=mesh)
@@ -359,7 +466,7 @@ def test_kernel_layout_pair_parallel_equals_one_model_after_the_other(model_para
   examples = test_decoding._prompts(6)
   settings = _kernel_layout_settings()
   pair_settings = dataclasses.replace(settings, pair_parallel=True)
-  with decoder.use_cache_layout(ak.KERNEL, interpret=True):
+  with decoder.use_cache_layout(ak.KERNEL, interpret="gpu"):
     in_turn = test_decoding._generate(Engine(post, pre, settings, batch_size=4, max_prompt_len=64, min_bucket=16),
                                       examples)
     engine = Engine(pair, None, pair_settings, batch_size=4, max_prompt_len=64, min_bucket=16, mesh=mesh)

@@ -283,6 +283,46 @@ def test_row_is_independent_of_slot_neighbours_and_admission_time(temperature, m
   assert engine.stats.utilization < 1.0 and engine.stats.slot_steps > 0
 
 
+@functools.lru_cache(maxsize=None)
+def _tpu_kernel_pair():
+  """A one-layer llama pair at head_dim 128 in bfloat16: a shape the TPU kernel takes (the tiny
+  models' head_dim 16 is not one)."""
+  paths = tiny_checkpoints.make_pair(tempfile.mkdtemp(prefix="tpu-kernel-pair-"), "llama",
+                                     config_overrides=dict(head_dim=128, num_hidden_layers=1))
+  return tuple(checkpoints.load_model(p, dtype="bfloat16") for p in paths)
+
+
+def test_tpu_kernel_rows_are_independent_and_agree_with_the_reference(monkeypatch):
+  """The engine on the KERNEL layout with the Pallas TPU kernel interpreted (what a TPU runs in
+  bfloat16): rows join a batch of 2 slots as others leave, free slots are length-0 rows of the
+  kernel, and a row's tokens and log-probs are bit for bit those it gets alone. Against the pure-jnp
+  reference on the same layout: the same greedy tokens, log-probs within bfloat16 rounding."""
+  from codit_jax.models import attention_kernels  # pylint: disable=g-import-not-at-top
+  post, pre = _tpu_kernel_pair()
+  traced = []
+  kernel = attention_kernels.tpu_kernel_decode_attention
+  monkeypatch.setattr(attention_kernels, "tpu_kernel_decode_attention",
+                      lambda *a, **kw: traced.append(a[1].shape) or kernel(*a, **kw))
+  examples = _prompts(3)
+  # 116 prompt slots + 12 new tokens: a cache of 128 slots, one page of the kernel.
+  make = lambda: Engine(post, pre, _settings(max_new_tokens=12), batch_size=2, max_prompt_len=116, seed=5)  # noqa: E731
+  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret="tpu"):
+    engine = make()
+    assert engine.cache_len == 128 and attention_kernels.tpu_page(engine.cache_len) == 128
+    joined = _generate(engine, examples)
+    alone = _generate(make(), examples[2:])[0]
+  assert traced and set(traced) == {(2, tiny_checkpoints.NUM_KV_HEADS, 128, 128)}  # both models' decode steps
+  assert engine.stats.utilization < 1.0  # a slot sat free while the last row finished
+  assert alone.tokens == joined[2].tokens
+  for field in ("post_logprobs", "pre_logprobs", "codit_logprobs"):
+    np.testing.assert_array_equal(getattr(joined[2], field), getattr(alone, field), err_msg=field)
+  with decoder.use_cache_layout(attention_kernels.KERNEL):  # the reference, as CPU runs it
+    reference = _generate(make(), examples)
+  for kernel_row, reference_row in zip(joined, reference):
+    assert kernel_row.tokens == reference_row.tokens
+    np.testing.assert_allclose(kernel_row.post_logprobs, reference_row.post_logprobs, atol=0.05, rtol=0)
+
+
 def test_codit_logprobs_are_the_contrastive_distribution():
   """codit_logprobs: log_softmax of the masked CoDIT score at the drawn token (before temperature);
   checked against the models' logits directly for the first token."""

@@ -204,9 +204,11 @@ def test_sharded_equals_unsharded(family):
 @pytest.fixture(params=["reference", "interpreted_kernel"])
 def kernel_layout(request):
   """Programs traced in the test use the KERNEL layout; its full-attention layers run the pure-jnp
-  reference (what TPU runs) or the Pallas GPU kernel in interpret mode (what GPU runs)."""
+  reference (what CPU runs, and TPU with a float32 cache) or the Pallas GPU kernel in interpret mode
+  (what GPU runs; the tiny models' head_dim 16 is no TPU kernel shape: tests/test_attention_kernels.py)."""
   from codit_jax.models import attention_kernels  # pylint: disable=g-import-not-at-top
-  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=request.param == "interpreted_kernel"):
+  interpret = "gpu" if request.param == "interpreted_kernel" else None
+  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=interpret):
     yield request.param
 
 
@@ -261,10 +263,13 @@ def test_kernel_layout_decode_past_one_cache_block(kernel_layout):
 def test_cache_layout_is_restored_and_picked_by_backend():
   from codit_jax.models import attention_kernels  # pylint: disable=g-import-not-at-top
   assert decoder.cache_layout() == attention_kernels.TRANSPOSED  # CPU
-  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=True):
-    assert decoder.cache_layout() == attention_kernels.KERNEL and decoder.INTERPRET_KERNEL
+  with decoder.use_cache_layout(attention_kernels.KERNEL, interpret="tpu"):
+    assert decoder.cache_layout() == attention_kernels.KERNEL and decoder.INTERPRET_KERNEL == "tpu"
     assert decoder.key_cache_shape(2, 16, 80) == (2, 80, 16)
-  assert decoder.cache_layout() == attention_kernels.TRANSPOSED and not decoder.INTERPRET_KERNEL
+  assert decoder.cache_layout() == attention_kernels.TRANSPOSED and decoder.INTERPRET_KERNEL is None
+  with pytest.raises(ValueError, match="interpret must be one of"):
+    with decoder.use_cache_layout(attention_kernels.KERNEL, interpret=True):
+      pass
   assert decoder.key_cache_shape(2, 16, 80) == (2, 16, 80)
   with pytest.raises(ValueError):
     with decoder.use_cache_layout("sideways"):

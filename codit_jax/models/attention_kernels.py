@@ -19,7 +19,19 @@ Cache layouts (chosen once per backend, at trace time: `cache_layout()`):
 `jax.lax.platform_dependent` traces every branch, so its branches must accept the
 same shapes: the layout is picked by the caller at trace time, and
 platform_dependent only chooses, within the kernel layout, between the Pallas GPU
-kernel (cuda) and the pure-jnp reference (cpu, tpu, others).
+kernel (cuda), the Pallas TPU kernel (tpu) and the pure-jnp reference (cpu, others).
+
+On TPU, `jax.experimental.pallas.ops.tpu.paged_attention` reads each row's keys
+[0, length) page by page, skipping rows of length 0. The kernel layout needs no
+copy to be paged: folding the kv heads into the rows, a cache (b, kv_heads, L, d)
+is reshaped for free into b * kv_heads sequences of L / page pages of (page, d),
+sequence r's pages r * L/page ... (r + 1) * L/page - 1 (`tpu_kernel_decode_attention`).
+The kernel casts the cache it loads to bfloat16 whatever its dtype, so a float32
+cache (CPU tests, --dtype=float32 runs) keeps the reference, which computes in
+float32; and it reads from slot 0, so a layer whose window is shorter than the
+cache keeps it too (such a layer has a ring buffer, which no kernel reads:
+decoder.Attention). `ops.tpu.ragged_paged_attention` would take windows, but
+wants K and V interleaved on the head axis of one combined cache: a copy.
 
 On a mesh (a model loaded with one: `decoder.use_sharded_decode_attention`), the
 kernel runs under jax.shard_map (`shard_over_mesh`): XLA cannot partition its
@@ -27,14 +39,11 @@ custom call, and left to itself gathers the whole cache onto every device at eve
 step, each device then running the whole batch. Shard_mapped, each device runs the
 kernel on its own rows (batch over 'data') and, where 'model' divides the kv heads,
 its own heads, with no collective. vmap (pair_parallel's, over the 'pair' axis)
-adds its axis to the shard_map. The reference needs no shard_map: XLA partitions it.
+adds its axis to the shard_map; under it, the TPU kernel takes the pair's rows as
+more rows of one call (`_pair_axis_as_rows`). The reference needs no shard_map: XLA
+partitions it.
 
-TPU runs the reference (a block loop over the live rows' slot range) for now:
-`ops.tpu.paged_attention` takes `lengths` (keys [0, len), which is what a row
-without a window sees) but wants its cache as pages (kv_heads, pages, page_size,
-head_dim) and no sm_scale; `ops.tpu.ragged_paged_attention` takes kv_lens, a sliding
-window and a soft cap, but a combined cache (pages, page_size, 2 * kv_heads, head_dim)
-with K and V interleaved on the head axis. Either needs a paged TPU cache layout.
+Tests run either kernel on CPU in Pallas interpret mode (`interpret=`).
 """
 
 from __future__ import annotations
@@ -45,7 +54,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode_attention
+from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 from jax.sharding import Mesh, PartitionSpec as P
 
 from codit_jax import parallel
@@ -64,6 +75,16 @@ REFERENCE_BLOCK = 256
 GPU_BLOCK_H = 16
 GPU_BLOCK_K = 128
 GPU_MAX_SPLIT = 512  # slots per split at most: at L = 4096, 8 splits per (row, kv head)
+
+# The TPU kernel's pages: each is one DMA of (page, head_dim) from HBM into VMEM, double-buffered.
+# (8, 128) tiles want head_dim a multiple of 128 and a page a multiple of 16 rows for bfloat16; pages
+# of 128 to 512 slots, a power of two, as JetStream and MaxText use. One page per compute block: a
+# row's last block then reads at most page - 1 slots past its length.
+TPU_MIN_PAGE = 128
+TPU_MAX_PAGE = 512
+
+# Where `kernel_layout_decode_attention` runs a kernel in Pallas interpret mode on any platform (tests).
+INTERPRET_MODES = (None, "gpu", "tpu")
 
 
 def cache_layout(backend: str | None = None) -> str:
@@ -119,6 +140,65 @@ def gpu_kernel_decode_attention(q, keys, values, start, end, *, scale: float, in
   return out.astype(values.dtype)
 
 
+def tpu_page(slots: int) -> int | None:
+  """Slots per page of the TPU kernel for a cache of `slots`: the largest power of two that divides
+  it, at most TPU_MAX_PAGE; None if under TPU_MIN_PAGE."""
+  page = min(slots & -slots, TPU_MAX_PAGE)
+  return page if page >= TPU_MIN_PAGE else None
+
+
+def tpu_kernel_fits(q_shape, kv_shape, dtype, window: int | None = None) -> bool:
+  """Whether the Pallas TPU paged-attention kernel computes this decode attention as the reference
+  does: head_dim a multiple of 128, kv_heads dividing heads, a cache of whole pages (`tpu_page`) in
+  bfloat16 (the kernel casts what it loads to bfloat16: a float32 cache would lose precision), and
+  no window shorter than the cache (the kernel reads every row from slot 0)."""
+  _, h, d = q_shape
+  _, kv_heads, slots, d_kv = kv_shape
+  return (d == d_kv and d % 128 == 0 and h % kv_heads == 0 and jnp.dtype(dtype) == jnp.bfloat16
+          and tpu_page(slots) is not None and (window is None or window >= slots))
+
+
+def tpu_kernel_decode_attention(q, keys, values, start, end, *, scale: float, softcap: float | None = None):
+  """The Pallas TPU kernel (`ops.tpu.paged_attention`) on the kernel layout.
+
+  q: (b, h, d); keys, values: (b, kv_heads, L, d); start, end: (b,) int32, keys [start, end), where
+  start is 0 for every row with start < end (`tpu_kernel_fits`: no window shorter than the cache).
+  Rows with start >= end give 0s. Returns (b, h, d) in values' dtype.
+
+  Each (row, kv head) is one of the kernel's sequences, with its query heads as the group: the
+  cache reshaped to (1 kv head, b * kv_heads * L/page pages, page, d) is the same buffer, and
+  sequence r's pages are r * L/page onwards. The kernel has no scale argument: q is scaled here, in
+  float32, and stays float32 (the kernel computes scores in float32 against its bfloat16 keys).
+  """
+  b, h, d = q.shape
+  kv_heads, slots = keys.shape[1], keys.shape[2]
+  page = tpu_page(slots)
+  pages, sequences = slots // page, b * kv_heads
+  q = (q.astype(jnp.float32) * scale).reshape(sequences, h // kv_heads, d)
+  as_pages = lambda cache: cache.reshape(1, sequences * pages, page, d)  # noqa: E731
+  lengths = jnp.repeat(jnp.where(start < end, end, 0).astype(jnp.int32), kv_heads)
+  page_indices = jnp.arange(sequences * pages, dtype=jnp.int32).reshape(sequences, pages)
+  out = tpu_paged_attention(q, as_pages(keys), as_pages(values), lengths, page_indices,
+                            attn_logits_soft_cap=softcap, pages_per_compute_block=1)
+  out = jnp.where((lengths > 0)[:, None, None], out, 0.0)  # empty rows: 0s, as the reference gives
+  return out.reshape(b, h, d).astype(values.dtype)
+
+
+def _pair_axis_as_rows(kernel):
+  """`kernel(q, keys, values, start, end)` whose vmap (pair_parallel's, over the pair) is one call on
+  the pairs' rows stacked: the rows are independent, and a Pallas call with scalar-prefetched lengths
+  has no batching rule of its own that keeps it one kernel."""
+  kernel = jax.custom_batching.custom_vmap(kernel)
+
+  @kernel.def_vmap
+  def _(axis_size, in_batched, *args):
+    args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)) for x, batched in zip(args, in_batched)]
+    out = kernel(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in args))
+    return out.reshape(axis_size, -1, *out.shape[1:]), True
+
+  return kernel
+
+
 def reference_decode_attention(q, keys, values, start, end, *, scale: float, softcap: float | None = None,
                                block: int = REFERENCE_BLOCK):
   """Pure-jnp decode attention on the kernel layout, float32 scores and softmax.
@@ -172,34 +252,46 @@ def reference_decode_attention(q, keys, values, start, end, *, scale: float, sof
 
 
 def kernel_layout_decode_attention(q, keys, values, start, end, *, scale: float,
-                                   softcap: float | None = None, interpret: bool = False,
-                                   mesh: Mesh | None = None):
-  """Decode attention on the kernel layout: the Pallas GPU kernel on CUDA, the reference elsewhere.
+                                   softcap: float | None = None, window: int | None = None,
+                                   interpret: str | None = None, mesh: Mesh | None = None):
+  """Decode attention on the kernel layout: the Pallas GPU kernel on CUDA, the Pallas TPU kernel on
+  TPU, the reference elsewhere.
 
   q: (b, 1, h, d) (a decode step's query, as decoder.Attention has it) or (b, h, d);
   keys, values: (b, kv_heads, L, d); start, end: (b,) int, each row sees slots
-  [start, end) (end exclusive: index + 1). Returns q's shape, in values' dtype.
+  [start, end) (end exclusive: index + 1); window: the layer's sliding window, if any
+  (start is then index - window + 1 where positive). Returns q's shape, in values' dtype.
 
-  With a soft cap (gemma2's attn_logit_softcap), or shapes the kernel does not take
-  (`gpu_kernel_fits`), every platform runs the reference. interpret=True runs the GPU
-  kernel in Pallas interpret mode on any platform, instead of the platform choice (tests).
-  With a `mesh`, each device runs the kernel on its own rows and heads (`shard_over_mesh`).
+  Where a kernel does not compute what the reference does (`gpu_kernel_fits`, and a soft
+  cap, for the GPU kernel; `tpu_kernel_fits` for the TPU kernel), its platform runs the
+  reference. interpret="gpu" or "tpu" runs that kernel in Pallas interpret mode on any
+  platform, instead of the platform choice (tests). With a `mesh`, each device runs the
+  kernel on its own rows and heads (`shard_over_mesh`).
   """
+  if interpret not in INTERPRET_MODES:
+    raise ValueError(f"interpret must be one of {INTERPRET_MODES}, got {interpret!r}")
   shape = q.shape
   q3 = q.reshape(shape[0], shape[-2], shape[-1])
   reference = functools.partial(reference_decode_attention, scale=scale, softcap=softcap)
-  if softcap or not gpu_kernel_fits(q3.shape, keys.shape):
-    out = reference(q3, keys, values, start, end)
+
+  def on_mesh(kernel):
+    # Only the kernels are shard_mapped: XLA cannot partition their custom calls, but it does
+    # partition the reference (plain jnp), which so stays the same program as without a mesh.
+    return kernel if mesh is None else shard_over_mesh(kernel, mesh, q3.shape, keys.shape)
+
+  gpu, tpu = reference, reference
+  if not softcap and gpu_kernel_fits(q3.shape, keys.shape):
+    gpu = on_mesh(functools.partial(gpu_kernel_decode_attention, scale=scale, interpret=interpret == "gpu"))
+  if tpu_kernel_fits(q3.shape, keys.shape, keys.dtype, window):
+    tpu = on_mesh(_pair_axis_as_rows(functools.partial(tpu_kernel_decode_attention, scale=scale, softcap=softcap)))
+  operands = (q3, keys, values, start, end)
+  if interpret == "gpu":
+    out = gpu(*operands)
+  elif interpret == "tpu":
+    with pltpu.force_tpu_interpret_mode():  # read when the kernel's pallas_call is traced: now
+      out = tpu(*operands)
   else:
-    kernel = functools.partial(gpu_kernel_decode_attention, scale=scale, interpret=interpret)
-    if mesh is not None:
-      # Only the kernel is shard_mapped: XLA cannot partition its custom call, but it does
-      # partition the reference (plain jnp), which so stays the same program as without a mesh.
-      kernel = shard_over_mesh(kernel, mesh, q3.shape, keys.shape)
-    if interpret:
-      out = kernel(q3, keys, values, start, end)
-    else:
-      out = jax.lax.platform_dependent(q3, keys, values, start, end, cuda=kernel, default=reference)
+    out = jax.lax.platform_dependent(*operands, cuda=gpu, tpu=tpu, default=reference)
   return out.astype(values.dtype).reshape(shape)
 
 
@@ -230,7 +322,7 @@ def shard_over_mesh(kernel, mesh: Mesh, q_shape, kv_shape):
   heads (`mesh_specs`): they need nothing of the other devices', so there is no collective."""
   (batch, heads, _), kv_heads = q_shape, kv_shape[1]
   specs = mesh_specs(mesh, batch, heads, kv_heads)
-  # check_vma=False: gqa's pallas_call declares its outputs without the mesh axes they vary over.
+  # check_vma=False: the kernels' pallas_calls declare their outputs without the mesh axes they vary over.
   return jax.shard_map(kernel, mesh=mesh, in_specs=(specs.query, specs.cache, specs.cache, specs.rows, specs.rows),
                        out_specs=specs.query, check_vma=False)
 
@@ -244,11 +336,11 @@ def transposed_reference_decode_attention(q, keys, values, start, end, *, scale:
 
 
 def decode_attention(q, keys, values, start, end, *, scale: float, softcap: float | None = None,
-                     layout: str, interpret: bool = False):
+                     window: int | None = None, layout: str, interpret: str | None = None):
   """Decode attention for a cache in `layout` (`cache_layout()`); see kernel_layout_decode_attention."""
   if layout == KERNEL:
     return kernel_layout_decode_attention(q, keys, values, start, end, scale=scale, softcap=softcap,
-                                          interpret=interpret)
+                                          window=window, interpret=interpret)
   if layout != TRANSPOSED:
     raise ValueError(f"unknown cache layout {layout!r}")
   shape = q.shape

@@ -54,9 +54,10 @@ DECODE_BLOCK = 256
 # backend (attention_kernels.cache_layout: TRANSPOSED on CPU, KERNEL on GPU and TPU). Set
 # through `use_cache_layout`.
 CACHE_LAYOUT: str | None = None
-# Tests: KERNEL-layout decode steps run the Pallas GPU kernel in Pallas interpret mode on any
-# platform (on CPU, jax.lax.platform_dependent would pick the reference). Set through `use_cache_layout`.
-INTERPRET_KERNEL = False
+# Tests: KERNEL-layout decode steps run the Pallas GPU kernel ("gpu") or TPU kernel ("tpu") in Pallas
+# interpret mode on any platform (on CPU, jax.lax.platform_dependent picks the reference); None: the
+# platform's choice. Set through `use_cache_layout`.
+INTERPRET_KERNEL: str | None = None
 
 
 def cache_layout() -> str:
@@ -67,14 +68,17 @@ def cache_layout() -> str:
 
 
 @contextlib.contextmanager
-def use_cache_layout(layout: str, *, interpret: bool = False):
-  """Traces inside use cache `layout` (and, with interpret, the interpreted GPU kernel: tests).
+def use_cache_layout(layout: str, *, interpret: str | None = None):
+  """Traces inside use cache `layout` (and, with interpret "gpu" or "tpu", that Pallas kernel
+  interpreted: tests).
 
   The layout is read at trace time, and jax reuses a trace of the same function on the same
   shapes (prefill's inputs do not show the layout), so jax's caches are cleared on entry and exit.
   """
   if layout not in (attention_kernels.TRANSPOSED, attention_kernels.KERNEL):
     raise ValueError(f"unknown cache layout {layout!r}")
+  if interpret not in attention_kernels.INTERPRET_MODES:
+    raise ValueError(f"interpret must be one of {attention_kernels.INTERPRET_MODES}, got {interpret!r}")
   global CACHE_LAYOUT, INTERPRET_KERNEL
   saved = CACHE_LAYOUT, INTERPRET_KERNEL
   jax.clear_caches()
@@ -188,7 +192,7 @@ class Attention(nnx.Module):
     each row's new entries are written at its own slot cache_index[row], and
     mask is a `StepMask`: attention reads the cache, by blocks where it is long
     (`attend_step`), or, in the KERNEL layout, through `attention_kernels` (the
-    Pallas GPU kernel on each row's own slot range).
+    Pallas GPU or TPU kernel on each row's own slot range).
 
     Both layouts are heads-major so that attention reads the cache as stored
     (with (b, max_len, heads, d), XLA transposes the whole cache at every
@@ -228,8 +232,8 @@ class Attention(nnx.Module):
       if reads_kernel:
         # Each row's visible slots are one range [start, stop): the kernel's per-row lengths.
         out = attention_kernels.kernel_layout_decode_attention(
-            q, k[0], v[0], mask.start, mask.stop, scale=scale, softcap=softcap, interpret=INTERPRET_KERNEL,
-            mesh=self.kernel_mesh)
+            q, k[0], v[0], mask.start, mask.stop, scale=scale, softcap=softcap, window=mask.window,
+            interpret=INTERPRET_KERNEL, mesh=self.kernel_mesh)
       else:  # TRANSPOSED, or a ring buffer (its visible entries are no slot range once it has wrapped)
         out = attend_step(q, k, v, mask, scale, softcap, layout)
     return self.o_proj(out.reshape(b, s, -1)), (k, v)
