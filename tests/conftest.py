@@ -7,6 +7,11 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# XLA:CPU sizes its thread pool by NPROC. With the default (the core count, 2 on CI) the
+# TPU paged-attention kernel in Pallas interpret mode on 8 simulated devices deadlocks: each
+# device's interpreted kernel blocks a pool thread waiting for the others. 16 threads let all
+# 8 run; measured on this 2-core machine, the rest of the suite is no slower with it.
+os.environ.setdefault("NPROC", "16")
 
 import jax  # noqa: E402
 
