@@ -267,6 +267,35 @@ def test_tpu_kernel_under_vmap_is_one_call_on_the_pairs_rows():
     np.testing.assert_array_equal(_f32(out[i]), _f32(jax.jit(attend)(q[i], keys[i], values[i], start[i], end[i])))
 
 
+def test_tpu_kernel_pair_parallel_on_a_mesh_is_each_model_alone_without_collectives():
+  """pair_parallel on a pod: the step vmapped over the pair with spmd_axis_name='pair' (as the engine
+  does), the kernel shard_mapped over pair 2 x data 2 x model 2: each model's rows exactly as that
+  model alone on one device, and a compiled program with no collective."""
+  mesh = parallel.make_mesh(model_parallelism=2, pair_parallel=True)
+  slots, b, heads, kv_heads = 256, 4, 8, 2
+  pairs = [_inputs(b, heads, kv_heads, 128, slots, jnp.bfloat16, seed=seed) for seed in (0, 1)]
+  q, keys, values = (jnp.stack(x) for x in zip(*pairs))
+  end = jnp.asarray([slots, 3, 100, 0], jnp.int32)  # the rows' lengths: the same for both models
+  start = jnp.zeros_like(end)
+  specs = ak.mesh_specs(mesh, b, heads, kv_heads)
+  place = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  pair_spec = lambda spec: P(parallel.PAIR, *spec)  # noqa: E731
+  placed = (place(q, pair_spec(P(*specs.query[:1], None, *specs.query[1:]))), place(keys, pair_spec(specs.cache)),
+            place(values, pair_spec(specs.cache)))
+  rows = (place(start, specs.rows), place(end, specs.rows))
+  attend = lambda q, k, v, start, end: ak.kernel_layout_decode_attention(  # noqa: E731
+      q, k, v, start, end, scale=128 ** -0.5, interpret="tpu", mesh=mesh)
+  both = jax.jit(jax.vmap(attend, in_axes=(0, 0, 0, None, None), spmd_axis_name=parallel.PAIR))
+  out = both(*placed, *rows)
+  for i in range(2):
+    alone = jax.jit(functools.partial(ak.kernel_layout_decode_attention, scale=128 ** -0.5, interpret="tpu"))
+    np.testing.assert_array_equal(_f32(out[i]), _f32(alone(q[i], keys[i], values[i], start, end)))
+  hlo = both.lower(*placed, *rows).compile().as_text()
+  assert [c for c in COLLECTIVES if c + "(" in hlo or c + "-start(" in hlo] == []
+  jaxpr = str(both.trace(*placed, *rows).jaxpr)
+  assert "shard_map" in jaxpr and jaxpr.count("name=paged_attention") == 1  # one call for both models' rows
+
+
 def test_tpu_lowering_uses_the_mosaic_kernel():
   """Lowered for TPU (no TPU needed), the platform_dependent wrapper is the Mosaic paged-attention call,
   on the cache as stored: b x kv_heads = 16 sequences of 3 pages of 256 slots, 4 query heads each."""
