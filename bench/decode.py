@@ -212,10 +212,10 @@ def bytes_per_step(args) -> int:
   return int((weights + kv) * itemsize)
 
 
-def streaming_bandwidth(jax) -> float:
-  """Bytes per second a jitted sum reads from a 512 MiB float32 array (best of 5)."""
+def streaming_bandwidth(jax, mib: int = 512) -> float:
+  """Bytes per second a jitted sum reads from a float32 array of `mib` MiB (best of 5)."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  data = jnp.ones((128 * 2**20,), jnp.float32)
+  data = jnp.ones((mib * 2**18,), jnp.float32)
   total = jax.jit(jnp.sum)
   total(data).block_until_ready()
   best = float("inf")
