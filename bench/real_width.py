@@ -12,7 +12,7 @@ only. This drives the same engine (codit_jax.decoding.engine.Engine) in-process,
 on random weights made on the device (no checkpoint files: at 8B width they
 would be gigabytes), through the same Decoder the checkpoint loader builds.
 
-Workload: --prompts random prompts, lengths uniform in [16, --max_prompt_len],
+Workload: --prompts random prompts, lengths uniform in [16, --prompt_len],
 greedy CoDIT, --max_new_tokens at most. As in bench/throughput.py, the
 post-trained model's lm_head column of the end token is scaled by --end_scale,
 so that responses stop after lengths spread over a wide range while some run
@@ -56,18 +56,13 @@ END = 2  # the end token's id in the random vocabulary
 
 
 def parse_args():
+  from decode import add_model_args  # pylint: disable=g-import-not-at-top  (this folder's decode.py)
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  add_model_args(parser)  # the model's size and dtype, and --prompt_len: here the longest prompt
   # Llama-3.1-8B: hidden 4096, 32 heads of 128, 8 kv heads, MLP 14336, vocabulary 128256.
-  parser.add_argument("--hidden", type=int, default=4096)
-  parser.add_argument("--heads", type=int, default=32)
-  parser.add_argument("--kv_heads", type=int, default=8)
-  parser.add_argument("--intermediate", type=int, default=14336)
-  parser.add_argument("--vocab", type=int, default=128256)
-  parser.add_argument("--layers", type=int, default=4)
-  parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  parser.set_defaults(hidden=4096, heads=32, kv_heads=8, intermediate=14336, vocab=128256, layers=4,
+                      dtype="bfloat16", batch=64, prompt_len=256)
   parser.add_argument("--prompts", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=64)
-  parser.add_argument("--max_prompt_len", type=int, default=256)
   parser.add_argument("--max_new_tokens", type=int, default=1024)
   parser.add_argument("--chunk_steps", type=int, default=32)
   parser.add_argument("--end_scale", type=float, default=3.0, help="scale of the end token's lm_head column")
@@ -86,7 +81,7 @@ def random_model(args, seed: int, end_scale: float = 1.0):
   cfg = ModelConfig.from_hf(transformers.LlamaConfig(
       vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-      head_dim=args.hidden // args.heads, max_position_embeddings=args.max_prompt_len + args.max_new_tokens,
+      head_dim=args.hidden // args.heads, max_position_embeddings=args.prompt_len + args.max_new_tokens,
       tie_word_embeddings=False, rms_norm_eps=1e-5, rope_theta=500000.0))
   dtype = checkpoints.DTYPES[args.dtype]
   key = jax.random.key(seed)
@@ -133,12 +128,12 @@ def main():
   built = time.perf_counter() - started
   rng = np.random.default_rng(0)
   examples = [(f"q{i}", rng.integers(3, args.vocab, size=int(n)).tolist())
-              for i, n in enumerate(rng.integers(16, args.max_prompt_len + 1, args.prompts))]
+              for i, n in enumerate(rng.integers(16, args.prompt_len + 1, args.prompts))]
   settings = DecodeSettings(vocab_size=args.vocab, end_ids=(END,), temperature=0.0,
                             max_new_tokens=args.max_new_tokens)
   runs = {}
   for phase in ("cold", "warm"):
-    engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.max_prompt_len,
+    engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len,
                     chunk_steps=args.chunk_steps)
     began = time.perf_counter()
     completions = {c.id: c for c in engine.run(examples, compile_ahead=True)}
@@ -160,7 +155,7 @@ def main():
            f"model: llama hidden={args.hidden} heads={args.heads}/{args.kv_heads} intermediate={args.intermediate} "
            f"vocab={args.vocab} layers={args.layers}, random weights made on the device in {built:.1f} s, "
            f"end-token column x{args.end_scale}; {args.dtype}, greedy CoDIT; {args.prompts} prompts of 16-"
-           f"{args.max_prompt_len} tokens, batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
+           f"{args.prompt_len} tokens, batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
            f"chunk_steps {args.chunk_steps}",
            f"response lengths: median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, "
            f"p90 {np.percentile(lengths, 90):.0f}, {at_cap:.0%} of rows at the cap; "

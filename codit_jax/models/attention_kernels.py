@@ -54,9 +54,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas.ops.gpu import decode_attention as gpu_decode_attention
-from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as tpu_paged_attention
 from jax.sharding import Mesh, PartitionSpec as P
 
 from codit_jax import parallel
@@ -170,6 +168,8 @@ def tpu_kernel_decode_attention(q, keys, values, start, end, *, scale: float, so
   sequence r's pages are r * L/page onwards. The kernel has no scale argument: q is scaled here, in
   float32, and stays float32 (the kernel computes scores in float32 against its bfloat16 keys).
   """
+  # Imported here: Pallas' TPU module costs ~0.2 s at start-up, and only a TPU (or a test) traces this.
+  from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention  # pylint: disable=g-import-not-at-top
   b, h, d = q.shape
   kv_heads, slots = keys.shape[1], keys.shape[2]
   page = tpu_page(slots)
@@ -178,8 +178,8 @@ def tpu_kernel_decode_attention(q, keys, values, start, end, *, scale: float, so
   as_pages = lambda cache: cache.reshape(1, sequences * pages, page, d)  # noqa: E731
   lengths = jnp.repeat(jnp.where(start < end, end, 0).astype(jnp.int32), kv_heads)
   page_indices = jnp.arange(sequences * pages, dtype=jnp.int32).reshape(sequences, pages)
-  out = tpu_paged_attention(q, as_pages(keys), as_pages(values), lengths, page_indices,
-                            attn_logits_soft_cap=softcap, pages_per_compute_block=1)
+  out = paged_attention(q, as_pages(keys), as_pages(values), lengths, page_indices,
+                        attn_logits_soft_cap=softcap, pages_per_compute_block=1)
   out = jnp.where((lengths > 0)[:, None, None], out, 0.0)  # empty rows: 0s, as the reference gives
   return out.reshape(b, h, d).astype(values.dtype)
 
@@ -288,6 +288,7 @@ def kernel_layout_decode_attention(q, keys, values, start, end, *, scale: float,
   if interpret == "gpu":
     out = gpu(*operands)
   elif interpret == "tpu":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top  (tests only)
     with pltpu.force_tpu_interpret_mode():  # read when the kernel's pallas_call is traced: now
       out = tpu(*operands)
   else:
