@@ -136,7 +136,8 @@ def main():
     engine = Engine(post, pre, settings, batch_size=args.batch, max_prompt_len=args.prompt_len,
                     chunk_steps=args.chunk_steps)
     began = time.perf_counter()
-    completions = {c.id: c for c in engine.run(examples, compile_ahead=True)}
+    engine.compile_ahead([len(ids) for _, ids in examples])
+    completions = {c.id: c for c in engine.run(examples)}
     runs[phase] = (time.perf_counter() - began, engine.stats, completions)
   seconds, stats, completions = runs["warm"]
   assert [c.tokens for c in completions.values()] == [runs["cold"][2][c].tokens for c in completions]

@@ -196,15 +196,20 @@ def _is_transposed(path: tuple) -> bool:
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
-               fsdp: bool = False) -> Decoder:
-  """Loads a checkpoint folder or Hub id into a Decoder, placed on `mesh` if given."""
+               fsdp: bool = False, abstract: bool = False) -> Decoder:
+  """Loads a checkpoint folder or Hub id into a Decoder, placed on `mesh` if given.
+
+  abstract: check the checkpoint's tensors (names and shapes, from the file headers) but read none;
+  every parameter is a jax.ShapeDtypeStruct with the shape, dtype and sharding it would be loaded
+  with: the model to compile programs for while the weights load (engine.Engine.compile_ahead).
+  """
   _check_dtype(dtype)
   path = resolve(str(name_or_path))
   _, cfg = load_config(path)
   tensors = SafetensorsFolder(path)
   prefixes = _weight_prefixes_or_raise(tensors)
   model = _decoder_from(cfg, dtype, lambda path_parts, shape: _load_tensor(
-      tensors, path_parts, shape, prefixes, DTYPES[dtype], mesh, fsdp))
+      tensors, path_parts, shape, prefixes, DTYPES[dtype], mesh, fsdp, abstract))
   if mesh is not None:
     use_expert_parallelism(model, mesh)
     use_sharded_decode_attention(model, mesh)
@@ -235,11 +240,14 @@ def _decoder_from(cfg: ModelConfig, dtype: str, load) -> Decoder:
   return nnx.merge(graphdef, state)
 
 
-def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp):
+def _load_tensor(tensors: SafetensorsFolder, path_parts: tuple, shape: tuple, prefixes, dtype, mesh, fsdp,
+                 abstract: bool):
   read = _param_reader(tensors, path_parts, shape, prefixes, np.dtype(dtype))
+  sharding = None if mesh is None else parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
+  if abstract:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   if mesh is None:
     return jnp.asarray(read(()))
-  sharding = parallel.param_sharding(".".join(map(str, path_parts)), shape, mesh, fsdp)
   return jax.make_array_from_callback(shape, sharding, read)
 
 
@@ -271,11 +279,12 @@ def pair_problem(cfg: ModelConfig, pre_cfg: ModelConfig) -> str | None:
 
 
 def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.PathLike, mesh: Mesh,
-              dtype: str = "float32") -> Decoder:
+              dtype: str = "float32", abstract: bool = False) -> Decoder:
   """Both models of a CoDIT pair as one Decoder whose every parameter is (2, *shape): [0] the
   post-trained model's, [1] the pre-trained one's, split over `mesh`'s 'pair' axis (see
   parallel.make_mesh(pair_parallel=True)); the engine then runs the two at the same time,
-  one per half of the devices. The two must have the same architecture and shapes."""
+  one per half of the devices. The two must have the same architecture and shapes.
+  abstract: as in load_model, shapes and shardings only."""
   _check_dtype(dtype)
   if parallel.PAIR not in mesh.shape:
     raise CheckpointError("load_pair needs a mesh with a 'pair' axis: parallel.make_mesh(..., pair_parallel=True).")
@@ -302,6 +311,8 @@ def load_pair(post_name_or_path: str | os.PathLike, pre_name_or_path: str | os.P
       return np.stack([readers[which](index[1:]) for which in range(2)[index[0]]])
 
     sharding = parallel.pair_param_sharding(".".join(map(str, path_parts)), shape, mesh)
+    if abstract:
+      return jax.ShapeDtypeStruct((2, *shape), np_dtype, sharding=sharding)
     return jax.make_array_from_callback((2, *shape), sharding, read)
 
   pair = _decoder_from(cfg, dtype, load)

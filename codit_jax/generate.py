@@ -339,23 +339,34 @@ def generate(config, force: bool = False) -> dict:
   logging.info("%d prompts; %d already written, %d to do.", len(items), len(items) - len(todo), len(todo))
 
   if todo:
-    post, pre, mesh = _load_models(config, decode_settings, post_path, pre_path, memory_plan.model_parallelism)
+    mesh = parallel.make_mesh(memory_plan.model_parallelism, _run_devices(decode_settings.pair_parallel),
+                              pair_parallel=decode_settings.pair_parallel)
     passes = [(main_prompt_len, memory_plan.slots_main, [p for p in todo if len(p.ids) <= main_prompt_len]),
               (max_prompt_len, memory_plan.slots_long, [p for p in todo if len(p.ids) > main_prompt_len])]
+    passes = [(prompt_len, slots, group) for prompt_len, slots, group in passes if group]
+
+    def compiling_engine(post, pre, prompt_len: int, slots: int, group: list[Prompt]) -> engine_lib.Engine:
+      engine = engine_lib.Engine(post, pre, decode_settings, batch_size=slots, max_prompt_len=prompt_len,
+                                 seed=config.seed, mesh=mesh, min_bucket=config.min_bucket,
+                                 chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
+      engine.compile_ahead([len(p.ids) for p in group])
+      return engine
+
+    # The first pass's programs compile from the models' shapes while their weights load.
+    first = compiling_engine(*_load_models(config, decode_settings, post_path, pre_path, mesh, abstract=True),
+                             *passes[0])
+    post, pre = _load_models(config, decode_settings, post_path, pre_path, mesh)
+    first.use_models(post, pre)
     done = len(items) - len(todo)
     try:
-      for prompt_len, slots, group in passes:
-        if not group:
-          continue
+      for i, (prompt_len, slots, group) in enumerate(passes):
         if prompt_len > main_prompt_len:
           logging.info("long prompts: %d prompts over %d tokens, in %d slots sized for %d.", len(group),
                        main_prompt_len, slots, prompt_len)
-        engine = engine_lib.Engine(post, pre, decode_settings, batch_size=slots, max_prompt_len=prompt_len,
-                                   seed=config.seed, mesh=mesh, min_bucket=config.min_bucket,
-                                   chunk_steps=config.chunk_steps, admit_tokens=config.admit_tokens)
+        engine = first if i == 0 else compiling_engine(post, pre, prompt_len, slots, group)
         progress = Progress(len(items), done, config.log_every_seconds, slots)
         by_id = {p.id: p for p in group}
-        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update, compile_ahead=True):
+        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update):
           prompt = by_id[completion.id]
           writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
         progress.update(engine.stats, force=True)
@@ -398,15 +409,14 @@ def _skip_long(items: list[Prompt], main_prompt_len: int, memory_plan, report) -
   return [p for p in items if len(p.ids) <= main_prompt_len]
 
 
-def _load_models(config, decode_settings, post_path, pre_path, model_parallelism: int):
-  """(post, pre or None, mesh): the model(s) loaded onto the mesh."""
-  mesh = parallel.make_mesh(model_parallelism, _run_devices(decode_settings.pair_parallel),
-                            pair_parallel=decode_settings.pair_parallel)
+def _load_models(config, decode_settings, post_path, pre_path, mesh, abstract: bool = False):
+  """(post, pre or None): the model(s) loaded onto the mesh, or (abstract) their shapes and shardings."""
   if decode_settings.pair_parallel:  # both models stacked, one per half of the devices
-    return checkpoints.load_pair(post_path, pre_path, mesh, config.dtype), None, mesh
-  post = checkpoints.load_model(post_path, config.dtype, mesh)
-  pre = checkpoints.load_model(pre_path, config.dtype, mesh) if decode_settings.mode == "codit" else None
-  return post, pre, mesh
+    return checkpoints.load_pair(post_path, pre_path, mesh, config.dtype, abstract=abstract), None
+  post = checkpoints.load_model(post_path, config.dtype, mesh, abstract=abstract)
+  pre = checkpoints.load_model(pre_path, config.dtype, mesh, abstract=abstract) if decode_settings.mode == "codit" \
+      else None
+  return post, pre
 
 
 def _check_same_plan(todo: list[Prompt]) -> None:

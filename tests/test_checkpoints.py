@@ -3,13 +3,14 @@
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
 import tiny_checkpoints
-from codit_jax import checkpoints
+from codit_jax import checkpoints, parallel
 from codit_jax.errors import CheckpointError
 from codit_jax.models import forward
 
@@ -70,6 +71,33 @@ def test_shape_mismatch_names_tensor_and_file(llama_sharded, tmp_path):
   message = str(e.value)
   assert "model.layers.0.mlp.down_proj.weight" in message and ".safetensors" in message
   assert "(64, 128)" in message and "(64, 96)" in message
+
+
+def _signature(model):
+  return [(x.shape, x.dtype, x.sharding) for x in jax.tree.leaves(model)]
+
+
+def test_abstract_load_matches_the_loaded_model_and_checks_the_tensors(llama_sharded, tmp_path):
+  """abstract=True (what codit-generate compiles for while the weights load) gives every parameter
+  the shape, dtype and sharding it is loaded with, in the same structure, and still refuses a
+  checkpoint whose tensors do not match its config.json."""
+  mesh = parallel.make_mesh(model_parallelism=2)
+  for dtype in ("float32", "bfloat16"):
+    loaded = checkpoints.load_model(llama_sharded, dtype, mesh)
+    shapes = checkpoints.load_model(llama_sharded, dtype, mesh, abstract=True)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+    assert jax.tree.structure(shapes) == jax.tree.structure(loaded)
+    assert _signature(shapes) == _signature(loaded)
+  post, pre = tiny_checkpoints.make_pair(str(tmp_path / "pair"), "llama")
+  pair_mesh = parallel.make_mesh(pair_parallel=True)
+  pair, pair_shapes = (checkpoints.load_pair(post, pre, pair_mesh, abstract=abstract) for abstract in (False, True))
+  assert jax.tree.structure(pair_shapes) == jax.tree.structure(pair)
+  assert _signature(pair_shapes) == _signature(pair)
+  folder = _copy(llama_sharded, tmp_path)
+  config = json.loads((folder / "config.json").read_text())
+  (folder / "config.json").write_text(json.dumps(dict(config, intermediate_size=96)))
+  with pytest.raises(CheckpointError, match="model.layers.0.mlp.down_proj.weight.*has shape"):
+    checkpoints.load_model(folder, mesh=mesh, abstract=True)
 
 
 def test_missing_folder_and_unreachable_hub_id(tmp_path):

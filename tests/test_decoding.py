@@ -359,22 +359,31 @@ def test_compiled_programs_bounded_by_buckets():
 
 
 @pytest.mark.parametrize("model_parallelism", [None, 2], ids=["one-device", "mesh"])
-def test_compile_ahead_compiles_each_program_once_off_the_main_thread(model_parallelism, caplog):
-  """compile_ahead compiles the decode program and the admit program of each bucket the prompts fall
-  in, in background threads; the run then calls exactly those programs (none compiles again on the
-  main thread) and gives the same completions as a run that compiles each program when it needs it."""
+def test_compile_ahead_from_abstract_models_compiles_each_program_once_off_the_main_thread(model_parallelism, caplog):
+  """compile_ahead, on an engine made with the models' abstract stand-ins (no weights read), compiles
+  the decode program and the admit program of each bucket the prompts fall in, in background threads;
+  after use_models hands over the loaded models the run calls exactly those programs (none compiles
+  again on the main thread) and gives the same completions as a run that compiles each program when
+  it needs it."""
   post, pre, mesh = _jax_pair("llama", model_parallelism)
+  shapes = [checkpoints.load_model(path, mesh=mesh, abstract=True) for path in _pair("llama")]
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
   # Shapes that no other test compiles (max_new_tokens, 5 slots): every program compiles here.
   settings = _settings(max_new_tokens=11 + (model_parallelism or 0))
   examples = _prompts(7)  # 5 to 40 tokens: buckets 16, 32 and 64
 
-  def engine():
+  def engine(post, pre):
     return Engine(post, pre, settings, batch_size=5, max_prompt_len=64, min_bucket=16, mesh=mesh)
 
   jax.config.update("jax_log_compiles", True)  # globally: the context manager is the calling thread's
   try:
     with caplog.at_level(logging.WARNING):
-      ahead = {c.id: c for c in engine().run(examples, compile_ahead=True)}
+      ahead_engine = engine(*shapes)
+      ahead_engine.compile_ahead([len(ids) for _, ids in examples])
+      with pytest.raises(CoditError, match="abstract stand-ins"):
+        next(ahead_engine.run(examples))
+      ahead_engine.use_models(post, pre)
+      ahead = {c.id: c for c in ahead_engine.run(examples)}
   finally:
     jax.config.update("jax_log_compiles", False)
   compiled = [(re.search(r"XLA compilation of jit\((\w+)\)", r.getMessage()).group(1), r.threadName)
@@ -382,8 +391,21 @@ def test_compile_ahead_compiles_each_program_once_off_the_main_thread(model_para
   programs = [(name, thread.startswith("codit-compile")) for name, thread in compiled
               if name in ("_admit", "_decode_chunk")]
   assert sorted(programs) == [("_admit", True)] * 3 + [("_decode_chunk", True)], compiled
-  as_needed = {c.id: c for c in engine().run(examples)}
+  as_needed = {c.id: c for c in engine(post, pre).run(examples)}
   assert ahead == as_needed and len(ahead) == 7
+
+
+def test_use_models_refuses_models_the_programs_were_not_compiled_for():
+  post, pre, _ = _jax_pair("llama")
+  shapes = [checkpoints.load_model(path, abstract=True) for path in _pair("llama")]
+  engine = Engine(*shapes, _settings(), batch_size=2, max_prompt_len=16)
+  bf16 = checkpoints.load_model(_pair("llama")[1], dtype="bfloat16")
+  with pytest.raises(CoditError, match=r"pre_trained model loaded is not .* bfloat16\[.*not float32"):
+    engine.use_models(post, bf16)
+  with pytest.raises(CoditError, match="pre_trained model loaded is not"):
+    engine.use_models(post, None)
+  engine.use_models(post, pre)
+  assert engine.post is post and engine.pre is pre
 
 
 def test_tokenizers_that_disagree_are_refused(tmp_path):

@@ -23,9 +23,10 @@ generate) and MaxText's offline engine:
 The host (`Engine.run`) loops: admit waiting prompts (in length order) into the
 free slots, dispatch a chunk, read the replicated done flags, hand the finished
 rows on. The state is donated to every program, and nothing returns to the host
-per token. With compile_ahead (codit-generate), the decode program and the admit
-programs of the run's buckets compile first in background threads, side by side
-and while the first rows decode, instead of one after another as each is needed.
+per token. `Engine.compile_ahead` (codit-generate) compiles the decode program and
+the admit programs of the run's buckets in background threads, from the models'
+shapes alone: while the weights load and the first rows decode, instead of one
+after another as each is needed.
 
 A row's tokens depend only on its own data: its prompt, its sampling keys
 fold_in(fold_in(key(seed), hash(id)), t) with t its own token index, its own
@@ -232,6 +233,13 @@ def _constrain(state: DecodeState, mesh: Mesh | None, pair_parallel: bool) -> De
                       is_leaf=lambda x: isinstance(x, P))
 
 
+def _abstract(tree, mesh: Mesh | None):
+  """Shapes, dtypes and (on a mesh) shardings of the arrays of `tree`: what a program compiles for.
+  Without a mesh the arrays are uncommitted (on the default device), and so are their stand-ins, or the
+  calls would not find the programs compiled for them in jax's caches."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if mesh else None), tree)
+
+
 def _replicated(x, mesh: Mesh | None):
   return x if mesh is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P()))
 
@@ -323,6 +331,17 @@ admit = jax.jit(_admit, static_argnames=("settings", "cache_len", "mesh"), donat
 decode_chunk = jax.jit(_decode_chunk, static_argnames=("settings", "chunk_steps", "mesh"), donate_argnames=("state",))
 
 
+def abstract_state(post, pre, *, settings: DecodeSettings, slots: int, cache_len: int, mesh: Mesh | None):
+  """The shapes, dtypes and shardings of `init_state`'s state, from the models' shapes alone (they
+  may be abstract: checkpoints.load_model(..., abstract=True))."""
+  shapes = init_state.eval_shape(post, pre, settings=settings, slots=slots, cache_len=cache_len, mesh=mesh)
+  if mesh is None:
+    return shapes
+  return jax.tree.map(lambda spec, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec)),
+                      _state_specs(shapes, mesh, settings.pair_parallel), shapes,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
 @dataclasses.dataclass
 class Completion:
   """One finished example. Tokens and per-token log-probs exclude the end token."""
@@ -390,6 +409,8 @@ class Engine:
   """Decodes prompts (already tokenized) with one model (direct) or a pair (CoDIT), continuously batched.
 
   With settings.pair_parallel, `post` is the pair from `checkpoints.load_pair` and `pre` is None.
+  The models may be their abstract stand-ins (`checkpoints.load_model(..., abstract=True)`): enough
+  to `compile_ahead` while the weights load; `use_models` then hands over the loaded ones.
   batch_size: the slots of the running batch. chunk_steps: the most decode steps between two looks
   of the host at the batch. admit_tokens: about how many prompt tokens one admit program prefills
   (its group size per bucket; at most batch_size / 8 rows, so that a refill waits for few free slots).
@@ -418,6 +439,17 @@ class Engine:
     self.buckets = prompt_buckets(max_prompt_len, min(min_bucket, max_prompt_len))
     self.cache_len = cache_length(self.buckets[-1] + settings.max_new_tokens)
     self.stats = EngineStats()
+    self._compiling = {}  # ("admit", bucket) or "decode": the future of its compile (compile_ahead)
+
+  def use_models(self, post: Decoder, pre: Decoder | None) -> None:
+    """Takes the loaded models in place of the ones the engine was made with (their abstract
+    stand-ins), which they must match in structure, shapes, dtypes and shardings: the programs
+    compiled ahead are compiled for those."""
+    for name, old, new in (("post_trained", self.post, post), ("pre_trained", self.pre, pre)):
+      problem = _mismatch(old, new, self.mesh)
+      if problem:
+        raise CoditError(f"the {name} model loaded is not the one the engine was made with: {problem}.")
+    self.post, self.pre = post, pre
 
   def bucket_for(self, length: int) -> int:
     if length > self.max_prompt_len:
@@ -429,15 +461,17 @@ class Engine:
     return max(1, min(self.batch_size // 8, self.admit_tokens // bucket))
 
   def run(self, examples: Sequence[tuple[str, Sequence[int]]],
-          on_chunk: Callable[[EngineStats], None] | None = None,
-          compile_ahead: bool = False) -> Iterator[Completion]:
+          on_chunk: Callable[[EngineStats], None] | None = None) -> Iterator[Completion]:
     """Completions of (id, prompt ids) pairs, as their rows finish (this process's rows only).
 
     Every process of a multi-process run calls this with the same examples; each
     gets back the rows that its devices decoded. Prompts are admitted shortest
-    first. on_chunk(stats) is called after every decode chunk. compile_ahead:
-    compile the run's programs in background threads first (`_compile_ahead`).
+    first. on_chunk(stats) is called after every decode chunk. A program that
+    `compile_ahead` is compiling is waited for, not compiled a second time.
     """
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((self.post, self.pre))):
+      raise CoditError("the engine holds the models' abstract stand-ins: give it the loaded models "
+                       "(Engine.use_models) before running it.")
     for _, ids in examples:
       self.bucket_for(len(ids))
     waiting = deque(sorted(examples, key=lambda e: len(e[1])))
@@ -446,15 +480,14 @@ class Engine:
     started = time.perf_counter()
     state = init_state(self.post, self.pre, settings=self.settings, slots=self.batch_size,
                        cache_len=self.cache_len, mesh=self.mesh)
-    compiling = self._compile_ahead(state, seed, [len(ids) for _, ids in waiting]) if compile_ahead else {}
     try:
-      yield from self._loop(state, seed, waiting, occupant, started, on_chunk, compiling)
+      yield from self._loop(state, seed, waiting, occupant, started, on_chunk)
     finally:
-      for future in compiling.values():
+      for future in self._compiling.values():
         future.cancel()  # those not started (the run ended early); running ones finish in their thread
 
-  def _loop(self, state, seed, waiting, occupant, started, on_chunk, compiling) -> Iterator[Completion]:
-    ready = lambda key: compiling[key].result() if key in compiling else None  # noqa: E731
+  def _loop(self, state, seed, waiting, occupant, started, on_chunk) -> Iterator[Completion]:
+    ready = lambda key: self._compiling[key].result() if key in self._compiling else None  # noqa: E731
     while waiting or any(o is not None for o in occupant):
       free = [s for s, o in enumerate(occupant) if o is None]
       while waiting and free:
@@ -486,26 +519,23 @@ class Engine:
       if on_chunk is not None:
         on_chunk(self.stats)
 
-  def _compile_ahead(self, state: DecodeState, seed, prompt_lengths: Sequence[int]) -> dict:
-    """Starts compiling the programs this run calls, in background threads (as many as there are cores,
-    at most one per program): the admit program of every bucket its prompts fall in and the decode
-    program, in the order they are first needed.
+  def compile_ahead(self, prompt_lengths: Sequence[int]) -> None:
+    """Starts compiling the programs a run of prompts of these lengths calls, in background threads:
+    the admit program of every bucket they fall in and the decode program, in the order `run` first
+    needs them. Needs only the models' shapes, so it can start before the weights are loaded.
 
-    XLA compiles without holding the GIL, so the programs compile side by side (a cold start on a
-    real model compiles one admit program per bucket, each as big as a model's forward pass) and
-    while the first rows decode. Compiling fills jax's caches, so the calls in `_loop` find their
-    programs compiled once their future is done. Returns {("admit", bucket) or "decode": future}.
+    XLA compiles without holding the GIL, so the programs compile while the weights load and the
+    first rows decode (a cold start on a real model compiles one admit program per bucket, each as
+    big as a model's forward pass). Compiling fills jax's caches, so the calls in `run` find their
+    programs compiled once their future is done.
     """
-    # Shapes and shardings only: the state is donated while the threads trace. Without a mesh the
-    # arrays are uncommitted (on the default device): so must their stand-ins be, or the calls would
-    # not find these programs in jax's caches.
-    abstract = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if self.mesh else None), tree)
-    state = abstract(state)
+    seed = np.int32(self.seed)
+    state = abstract_state(self.post, self.pre, settings=self.settings, slots=self.batch_size,
+                           cache_len=self.cache_len, mesh=self.mesh)
     buckets = sorted({self.bucket_for(n) for n in prompt_lengths})
     jobs = {}
     for bucket in buckets:
-      inputs = abstract(self._group_inputs([], [], bucket, self.group_size(bucket)))
+      inputs = _abstract(self._group_inputs([], [], bucket, self.group_size(bucket)), self.mesh)
       jobs[("admit", bucket)] = lambda inputs=inputs: admit.lower(
           self.post, self.pre, state, *inputs, seed, settings=self.settings, cache_len=self.cache_len,
           mesh=self.mesh).compile()
@@ -513,11 +543,13 @@ class Engine:
         jobs["decode"] = lambda: decode_chunk.lower(
             self.post, self.pre, state, seed, np.int32(self.batch_size), settings=self.settings,
             chunk_steps=self.chunk_steps, mesh=self.mesh).compile()
-    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1)),
-                                                 thread_name_prefix="codit-compile")
-    futures = {key: pool.submit(job) for key, job in jobs.items()}
+    # One XLA:CPU compile keeps about 1.6 cores busy (measured: 2.9 s of CPU in 1.9 s), so on a host
+    # of 2 or 3 cores two at once only slow down the one needed first: there they run one after
+    # another, in the order needed. Hosts with more cores compile several at once.
+    threads = max(1, min(len(jobs), len(os.sched_getaffinity(0)) // 2))
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="codit-compile")
+    self._compiling = {key: pool.submit(job) for key, job in jobs.items()}
     pool.shutdown(wait=False)
-    return futures
 
   def _group_inputs(self, group, targets, bucket: int, size: int):
     tokens = np.zeros((size, bucket), np.int32)
@@ -572,6 +604,21 @@ class Engine:
         codit_logprobs=row["codit_logprobs"][:n].tolist(),
         end_codit_logprob=float(row["codit_logprobs"][n]) if stopped else None,
     )
+
+
+def _mismatch(old, new, mesh: Mesh | None) -> str | None:
+  """How model `new` differs from `old` in what a compiled program depends on (None: it does not)."""
+  if (old is None) != (new is None):
+    return "one of the two is None"
+  if old is None:
+    return None
+  if jax.tree.structure(old) != jax.tree.structure(new):
+    return "its structure (config, layers or sharding settings) differs"
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new)):
+    if (a.shape, a.dtype) != (b.shape, b.dtype) or (mesh is not None and a.sharding != b.sharding):
+      return (f"parameter {jax.tree_util.keystr(path)} is {b.dtype}{list(b.shape)} on {b.sharding}, "
+              f"not {a.dtype}{list(a.shape)} on {a.sharding}")
+  return None
 
 
 def _local_rows(array: jax.Array, devices: set | None = None) -> dict[int, np.ndarray]:
