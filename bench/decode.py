@@ -226,10 +226,22 @@ def streaming_bandwidth(jax, mib: int = 512) -> float:
   return data.nbytes / best
 
 
+def cpu_model() -> str:
+  """The CPU's model name (Linux: /proc/cpuinfo), else the architecture: VMs of one name differ by it."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def machine(jax) -> str:
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", device.platform)
-  return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}, " \
+  return f"{platform.node() or 'host'}: {os.cpu_count()} CPU cores, {cpu_model()}, " \
          f"jax {jax.__version__} on {device.platform} ({kind}), {len(jax.devices())} device(s)"
 
 
