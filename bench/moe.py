@@ -21,7 +21,6 @@ import argparse
 import datetime
 import functools
 import os
-import platform
 import sys
 import time
 
@@ -32,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from codit_jax.models import moe  # noqa: E402
+from decode import machine  # noqa: E402  (bench/, the script's folder)
 
 HIDDEN, EXPERTS, EXPERT_WIDTH, TOP_K = 2048, 128, 768, 8
 
@@ -78,9 +78,7 @@ def main():
   layer = _layer(jax.random.key(0))
   forms = _forms()
   print(f"# MoE layer: hidden {HIDDEN}, {EXPERTS} experts x {EXPERT_WIDTH}, top {TOP_K}, float32")
-  print(f"# {datetime.date.today()}  {platform.node()}  {platform.processor() or platform.machine()}  "
-        f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()}  jax {jax.__version__}  "
-        f"load average {os.getloadavg()[0]:.2f}")
+  print(f"# {datetime.date.today()}  {machine(jax)}  load average {os.getloadavg()[0]:.2f}")
   print(f"{'tokens':>7} {'dense ms':>10} {'routed ms':>10} {'dense/routed':>13} {'ragged_dot ms':>14} "
         f"{'max|routed-dense|':>18}")
   for tokens in [int(t) for t in args.tokens.split(",")]:
