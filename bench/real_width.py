@@ -21,7 +21,11 @@ to the cap; the length spread is printed. The default x3.0 was set on CPU at
 x3.0: 4 of 8 within 96); more layers change the dynamics, so check the spread.
 Two runs on the same prompts: cold
 (compiles the admit programs and the decode program) and warm (a new Engine
-whose programs jax has compiled: what a long run is made of).
+whose programs jax has compiled: what a long run is made of). Then
+--alone_checks prompts are decoded again each alone in the warm engine (same
+programs, every other slot empty): their tokens and log-probs must equal the
+batch's bit for bit, which shows on the chip (its attention kernel included)
+that a row does not depend on its neighbours.
 
 Roofline: a decode step must read both models' weights once (the input
 embedding tables aside: a step gathers a row per slot) and the keys and values
@@ -37,6 +41,7 @@ on the decode steps' own.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import time
@@ -66,6 +71,7 @@ def parse_args():
   parser.add_argument("--max_new_tokens", type=int, default=1024)
   parser.add_argument("--chunk_steps", type=int, default=32)
   parser.add_argument("--end_scale", type=float, default=3.0, help="scale of the end token's lm_head column")
+  parser.add_argument("--alone_checks", type=int, default=3, help="prompts decoded again alone, to compare")
   parser.add_argument("--record", action="store_true", help="append the table to bench/RESULTS.md")
   return parser.parse_args()
 
@@ -116,6 +122,36 @@ def kv_bytes_read(args, prompt_lengths, emitted) -> int:
   return 2 * per_slot * slot_reads  # both models
 
 
+def attention_path(args, cache_len: int) -> str:
+  """Which decode attention the engine's steps run on this device (attention_kernels' own tests)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from codit_jax.models import attention_kernels as kernels  # pylint: disable=g-import-not-at-top
+  q_shape = (args.batch, args.heads, args.hidden // args.heads)
+  kv_shape = (args.batch, args.kv_heads, cache_len, args.hidden // args.heads)
+  platform = jax.devices()[0].platform
+  if platform == "gpu" and kernels.gpu_kernel_fits(q_shape, kv_shape):
+    return "the Pallas GPU decode kernel"
+  if platform == "tpu" and kernels.tpu_kernel_fits(q_shape, kv_shape, args.dtype):
+    return "the Pallas TPU paged-attention kernel"
+  return "XLA (no kernel on this platform for these shapes)"
+
+
+def alone_equal_batch(engine, examples, completions, count: int) -> tuple[int, int]:
+  """(how many of `count` examples, decoded alone in `engine`, equal their batch completion in tokens,
+  finish reason and every log-prob, bit for bit; count). The examples are those of median response
+  length: long enough to run many steps beside changing neighbours in the batch."""
+  by_length = sorted(examples, key=lambda e: len(completions[e[0]].tokens))
+  middle = max(0, len(by_length) // 2 - count // 2)
+  picked = by_length[middle:middle + count]
+  same = 0
+  for example in picked:
+    (alone,) = list(engine.run([example]))
+    batch = completions[example[0]]
+    same += (alone.tokens, alone.finish_reason, alone.post_logprobs, alone.pre_logprobs, alone.codit_logprobs) == \
+        (batch.tokens, batch.finish_reason, batch.post_logprobs, batch.pre_logprobs, batch.codit_logprobs)
+  return same, len(picked)
+
+
 def main():
   args = parse_args()
   import jax  # pylint: disable=g-import-not-at-top
@@ -138,9 +174,11 @@ def main():
     began = time.perf_counter()
     engine.compile_ahead([len(ids) for _, ids in examples])
     completions = {c.id: c for c in engine.run(examples)}
-    runs[phase] = (time.perf_counter() - began, engine.stats, completions)
+    # A copy: the alone checks below run on the warm engine and add to its stats.
+    runs[phase] = (time.perf_counter() - began, dataclasses.replace(engine.stats), completions)
   seconds, stats, completions = runs["warm"]
   assert [c.tokens for c in completions.values()] == [runs["cold"][2][c].tokens for c in completions]
+  alone_same = alone_equal_batch(engine, examples, completions, args.alone_checks)
   lengths = np.array([len(completions[i].tokens) for i, _ in examples])
   at_cap = float(np.mean(lengths >= args.max_new_tokens))
   emitted = [len(completions[i].tokens) + (completions[i].finish_reason == "stop") for i, _ in examples]
@@ -157,7 +195,8 @@ def main():
            f"vocab={args.vocab} layers={args.layers}, random weights made on the device in {built:.1f} s, "
            f"end-token column x{args.end_scale}; {args.dtype}, greedy CoDIT; {args.prompts} prompts of 16-"
            f"{args.prompt_len} tokens, batch {args.batch}, max_new_tokens {args.max_new_tokens}, "
-           f"chunk_steps {args.chunk_steps}",
+           f"chunk_steps {args.chunk_steps}; cache of {engine.cache_len} slots, decode attention by "
+           f"{attention_path(args, engine.cache_len)}",
            f"response lengths: median {np.median(lengths):.0f}, mean {lengths.mean():.0f}, "
            f"p90 {np.percentile(lengths, 90):.0f}, {at_cap:.0%} of rows at the cap; "
            f"{sum(emitted)} tokens generated (end tokens included)",
@@ -173,6 +212,8 @@ def main():
             f"- bytes the warm run's decode steps had to read: {step_bytes / 1e9:.1f} GB "
             f"({(weight_bytes(post) + weight_bytes(pre)) / 1e9:.2f} GB of weights a step, both models); "
             f"over its wall time {reached / 1e9:.0f} GB/s",
+            f"- decoded alone in the warm engine, {alone_same[0]} of {alone_same[1]} prompts (those with the "
+            "median response lengths) gave the batch's tokens and log-probs bit for bit",
             f"- streaming read bandwidth measured here: {streaming / 1e9:.0f} GB/s; the warm run reached "
             f"{reached / streaming:.0%} of it"
             + (f"; datasheet HBM of {kind}: {datasheet / 1e12:.2f} TB/s, {reached / datasheet:.0%} of it"
