@@ -71,7 +71,8 @@ _CLUSTER_MARKERS = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JA
 # and prompt digest), not by the file's path.
 _NOT_CONTENT_KEYS = frozenset({
     "output_dir", "prompts", "batch_size", "model_parallelism", "pair_parallel", "compilation_cache_dir",
-    "log_every_seconds", "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input", "kv_cache_gib"})
+    "log_every_seconds", "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input", "kv_cache_gib",
+    "profile_dir", "profile_chunks"})
 # Prompts up to this many tokens run in the main pass; longer ones (up to max_prompt_len) after it,
 # in fewer slots sized for them, within the same memory.
 MAIN_PROMPT_LEN = 2048
@@ -112,7 +113,7 @@ def validate(config) -> None:
   if config.dtype not in checkpoints.DTYPES:
     raise CoditError(f"dtype {config.dtype!r} is not supported: set --config.dtype to one of "
                      f"{', '.join(checkpoints.DTYPES)}.")
-  for key in ("batch_size", "chunk_steps", "admit_tokens", "rows_per_shard", "min_bucket"):
+  for key in ("batch_size", "chunk_steps", "admit_tokens", "rows_per_shard", "min_bucket", "profile_chunks"):
     if config[key] < 1:
       raise CoditError(f"{key} must be at least 1; got {config[key]}.")
   if config.max_prompt_len < 0:
@@ -198,6 +199,34 @@ class Progress:
                  "wait) | %.0f tokens/s | elapsed %s | ETA %s", done, self.total, 100 * done / max(self.total, 1),
                  stats.live_slots, self.batch_size, 100 * stats.utilization, 100 * stats.utilization_while_waiting,
                  stats.tokens_per_second, _clock(now - self.started), _clock(eta))
+
+
+class ChunkProfiler:
+  """A jax.profiler trace of `chunks` decode chunks (and the admits between them), written to
+  `directory` as TensorBoard / XProf reads it, with a Perfetto trace beside it. It starts after the
+  first chunk: before that the time goes to compiling, which a profile of the steady state would
+  only blur. Ops are named by their block (jax.named_scope): step_post_trained/layer_3/attention,
+  prefill_pre_trained/..., score, sample."""
+
+  def __init__(self, directory: str, chunks: int):
+    self.directory, self.chunks = directory, chunks
+    self.seen, self.tracing = 0, False
+
+  def on_chunk(self) -> None:
+    self.seen += 1
+    if self.seen == 1:
+      jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+      self.tracing = True
+    elif self.seen == 1 + self.chunks:
+      self.stop()
+
+  def stop(self) -> None:
+    """Ends the trace (a run with fewer chunks ends it at its end) and writes it."""
+    if self.tracing:
+      self.tracing = False
+      jax.profiler.stop_trace()
+      logging.info("profile of %d decode chunks written to %s: open it with TensorBoard or XProf, or its "
+                   "perfetto_trace.json.gz in ui.perfetto.dev.", min(self.seen - 1, self.chunks), self.directory)
 
 
 def _clock(seconds: float) -> str:
@@ -358,6 +387,8 @@ def generate(config, force: bool = False) -> dict:
     post, pre = _load_models(config, decode_settings, post_path, pre_path, mesh)
     first.use_models(post, pre)
     done = len(items) - len(todo)
+    profiler = ChunkProfiler(os.path.expanduser(config.profile_dir), config.profile_chunks) \
+        if config.profile_dir else None
     try:
       for i, (prompt_len, slots, group) in enumerate(passes):
         if prompt_len > main_prompt_len:
@@ -365,13 +396,21 @@ def generate(config, force: bool = False) -> dict:
                        main_prompt_len, slots, prompt_len)
         engine = first if i == 0 else compiling_engine(post, pre, prompt_len, slots, group)
         progress = Progress(len(items), done, config.log_every_seconds, slots)
+
+        def on_chunk(stats, progress=progress):
+          progress.update(stats)
+          if profiler is not None:
+            profiler.on_chunk()
+
         by_id = {p.id: p for p in group}
-        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=progress.update):
+        for completion in engine.run([(p.id, p.ids) for p in group], on_chunk=on_chunk):
           prompt = by_id[completion.id]
           writer.add(_example(prompt, completion, post_tokenizer), prompt.digest)
         progress.update(engine.stats, force=True)
         done += len(group)
     finally:
+      if profiler is not None:
+        profiler.stop()
       writer.flush()  # on Ctrl-C too: the rows that finished are kept, and a rerun resumes after them
 
   _barrier("written")

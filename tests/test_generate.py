@@ -185,6 +185,23 @@ def test_direct_mode_records_no_pre_logprobs(tmp_path):
   assert all(r["pre_logprobs"] == [] and r["response_tokens"] for r in _records(settings["output_dir"]).values())
 
 
+def test_profile_dir_records_a_trace_whose_ops_are_named_by_block(tmp_path):
+  """--config.profile_dir: a jax.profiler trace of decode chunks, its ops named by model, layer and block,
+  and the dataset written as without it."""
+  settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 6)), pair_parallel=False,
+                        chunk_steps=2, profile_dir=str(tmp_path / "profile"), profile_chunks=3)
+  assert generate_app.generate(_config(**settings))["rows"] == 6
+  runs = list((tmp_path / "profile" / "plugins" / "profile").iterdir())
+  assert len(runs) == 1, runs
+  assert (runs[0] / "perfetto_trace.json.gz").is_file()
+  (xplane,) = runs[0].glob("*.xplane.pb")
+  trace = xplane.read_bytes()
+  for name in (b"step_post_trained/layer_0/attention", b"step_pre_trained/layer_1/mlp", b"score", b"sample"):
+    assert name in trace, name
+  # The first chunk (compiling) is left out; the admits of the traced chunks are in.
+  assert b"prefill_post_trained/layer_0/attention" in trace
+
+
 def _finished_parts(out_dir: Path) -> int:
   return len(list((out_dir / "parts").glob("*.index.json")))
 

@@ -41,6 +41,11 @@ With `pair_parallel` the post-trained argument is both models stacked
 (`checkpoints.load_pair`) and each model step is vmapped over the pair with
 the mesh's 'pair' axis as its SPMD axis: each half of the devices runs one
 model, both at once, and only the logits cross between the halves.
+
+Profiles (codit-generate's `profile_dir`) show each op under its block's
+jax.named_scope: prefill_post_trained / step_post_trained / step_pre_trained /
+step_pair, then the decoder's layer_<i>/attention and layer_<i>/mlp (or moe),
+embed and logits; score, sample, insert, record and stop here.
 """
 
 from __future__ import annotations
@@ -162,10 +167,15 @@ def _over_pair(stacked: Decoder, fn, *stacked_args):
 def _prefill_models(post, pre, tokens, lengths, max_len: int, settings: DecodeSettings):
   """(post logits, pre logits or None, caches) after the prompts."""
   if settings.pair_parallel:
-    logits, caches = _over_pair(post, lambda model: prefill(model, tokens, lengths, max_len))
+    with jax.named_scope("prefill_pair"):
+      logits, caches = _over_pair(post, lambda model: prefill(model, tokens, lengths, max_len))
     return logits[0], logits[1], caches
-  post_logits, post_cache = prefill(post, tokens, lengths, max_len)
-  pre_logits, pre_cache = prefill(pre, tokens, lengths, max_len) if settings.mode == "codit" else (None, None)
+  with jax.named_scope("prefill_post_trained"):
+    post_logits, post_cache = prefill(post, tokens, lengths, max_len)
+  pre_logits, pre_cache = None, None
+  if settings.mode == "codit":
+    with jax.named_scope("prefill_pre_trained"):
+      pre_logits, pre_cache = prefill(pre, tokens, lengths, max_len)
   return post_logits, pre_logits, (post_cache, pre_cache)
 
 
@@ -175,24 +185,31 @@ def _step_models(post, pre, token, caches, live, settings: DecodeSettings):
     # Write slots and live rows are the same for both models: kept out of the vmap, so that the
     # blocks a step reads (DECODE_BLOCK) are a plain loop, not one batched over the pair.
     index = caches.index[0]
-    logits, caches = _over_pair(
-        post, lambda model, cache: decode_step(model, token, cache._replace(index=index), live), caches)
+    with jax.named_scope("step_pair"):
+      logits, caches = _over_pair(
+          post, lambda model, cache: decode_step(model, token, cache._replace(index=index), live), caches)
     return logits[0], logits[1], caches
-  post_logits, post_cache = decode_step(post, token, caches[0], live)
-  pre_logits, pre_cache = decode_step(pre, token, caches[1], live) if settings.mode == "codit" else (None, None)
+  with jax.named_scope("step_post_trained"):
+    post_logits, post_cache = decode_step(post, token, caches[0], live)
+  pre_logits, pre_cache = None, None
+  if settings.mode == "codit":
+    with jax.named_scope("step_pre_trained"):
+      pre_logits, pre_cache = decode_step(pre, token, caches[1], live)
   return post_logits, pre_logits, (post_cache, pre_cache)
 
 
 def _choose(settings: DecodeSettings, post_logits, pre_logits, seed, hashes, steps):
   """Scores one step and draws a token per row: (token, its post, pre and contrastive log-probs)."""
-  lp_post = log_probs(post_logits, settings.vocab_size)
-  if settings.mode == "codit":
-    lp_pre = log_probs(pre_logits, settings.vocab_size)
-    score = codit_score(lp_post, lp_pre, settings.alpha, settings.beta)
-  else:
-    lp_pre, score = None, lp_post
-  token = sampling.sample(score, sampling.step_keys(seed, hashes, steps), settings.temperature, settings.top_p,
-                          settings.top_k)
+  with jax.named_scope("score"):
+    lp_post = log_probs(post_logits, settings.vocab_size)
+    if settings.mode == "codit":
+      lp_pre = log_probs(pre_logits, settings.vocab_size)
+      score = codit_score(lp_post, lp_pre, settings.alpha, settings.beta)
+    else:
+      lp_pre, score = None, lp_post
+  with jax.named_scope("sample"):
+    token = sampling.sample(score, sampling.step_keys(seed, hashes, steps), settings.temperature, settings.top_p,
+                            settings.top_k)
   pick = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]  # noqa: E731
   # The drawn token's entry of log_softmax(score), without materializing the whole vocabulary's.
   lp_codit = pick(score) - jax.nn.logsumexp(score, axis=-1) if settings.mode == "codit" else pick(lp_post)
@@ -288,8 +305,9 @@ def _admit(post, pre, state: DecodeState, tokens, lengths, hashes, slots, seed, 
                 first(lp_codit, jnp.float32))
   into = lambda full, part: full.at[slots].set(part, mode="drop")  # noqa: E731
   into_pair = lambda full, part: full.at[:, slots].set(part, mode="drop")  # noqa: E731
-  caches = jax.tree.map(into_pair if settings.pair_parallel else into, state.caches, group_caches)
-  new = DecodeState(caches, jax.tree.map(into, state.rows, rows), jax.tree.map(into, state.out, out))
+  with jax.named_scope("insert"):
+    caches = jax.tree.map(into_pair if settings.pair_parallel else into, state.caches, group_caches)
+    new = DecodeState(caches, jax.tree.map(into, state.rows, rows), jax.tree.map(into, state.out, out))
   return _constrain(new, mesh, settings.pair_parallel)
 
 
@@ -311,11 +329,13 @@ def _decode_chunk(post, pre, state: DecodeState, seed, min_free, *, settings: De
     token, *logprobs = _choose(settings, post_logits, pre_logits, seed, rows.hash, rows.emitted)
     column = jnp.where(live, rows.emitted, n)  # out of bounds for rows not live: dropped
     write = lambda buf, value: buf.at[jnp.arange(slots), column].set(value.astype(buf.dtype), mode="drop")  # noqa: E731
-    out = Outputs(*(write(buf, value) for buf, value in zip(st.out, (token, *logprobs))))
+    with jax.named_scope("record"):
+      out = Outputs(*(write(buf, value) for buf, value in zip(st.out, (token, *logprobs))))
     emitted = rows.emitted + live.astype(jnp.int32)
-    ended = jnp.isin(token, end_ids) | (emitted >= n)
-    if settings.stop_repetitive is not None:
-      ended |= repetition_stop.repeats_cycle(out.tokens, emitted, settings.stop_repetitive)
+    with jax.named_scope("stop"):
+      ended = jnp.isin(token, end_ids) | (emitted >= n)
+      if settings.stop_repetitive is not None:
+        ended |= repetition_stop.repeats_cycle(out.tokens, emitted, settings.stop_repetitive)
     done = rows.done | (live & ended)
     rows = Rows(token=jnp.where(live, token, rows.token), emitted=emitted, done=done, hash=rows.hash)
     return step + 1, live_steps + jnp.sum(live.astype(jnp.int32)), DecodeState(caches, rows, out)

@@ -544,12 +544,14 @@ class DecoderLayer(nnx.Module):
     else:
       attn_in_norm, attn_out_norm = self.input_layernorm, self.post_attention_layernorm
       mlp_in_norm, mlp_out_norm = self.pre_feedforward_layernorm, self.post_feedforward_layernorm
-    h = attn_in_norm(x) if attn_in_norm else x
-    h, kv = self.self_attn(h, positions, mask, cache, cache_index)
-    x = x + (attn_out_norm(h) if attn_out_norm else h)
-    h = mlp_in_norm(x) if mlp_in_norm else x
-    h = self.mlp(h)
-    x = x + (mlp_out_norm(h) if mlp_out_norm else h)
+    with jax.named_scope("attention"):
+      h = attn_in_norm(x) if attn_in_norm else x
+      h, kv = self.self_attn(h, positions, mask, cache, cache_index)
+      x = x + (attn_out_norm(h) if attn_out_norm else h)
+    with jax.named_scope("moe" if isinstance(self.mlp, SparseMoeBlock) else "mlp"):
+      h = mlp_in_norm(x) if mlp_in_norm else x
+      h = self.mlp(h)
+      x = x + (mlp_out_norm(h) if mlp_out_norm else h)
     return x, kv
 
 
@@ -614,26 +616,29 @@ class Decoder(nnx.Module):
 
   def _layers(self, tokens, positions, masks, caches=None, cache_index=None):
     cfg = self.cfg
-    x = self.embed_tokens(tokens)
-    if cfg.embed_scale != 1.0:
-      x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the weight dtype, as transformers does
+    with jax.named_scope("embed"):
+      x = self.embed_tokens(tokens)
+      if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)  # rounded to the weight dtype, as transformers does
     new_kv = []
     for i, layer in enumerate(self.layers):
       cache = None if caches is None else caches[i]
-      x, kv = layer(x, positions, masks[i], cache, cache_index)
+      with jax.named_scope(f"layer_{i}"):  # profiles show each block's ops under its layer
+        x, kv = layer(x, positions, masks[i], cache, cache_index)
       new_kv.append(kv)
     return self.norm(x), new_kv
 
   def logits(self, hidden):
     """float32 logits over the whole (padded) embedding vocabulary."""
-    if self.lm_head is None:
-      kernel = self.embed_tokens.embedding[...].T
-    else:
-      kernel = self.lm_head.kernel[...]
-    logits = jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=jnp.float32)
-    if self.cfg.final_logit_softcap:
-      cap = self.cfg.final_logit_softcap
-      logits = jnp.tanh(logits / cap) * cap
+    with jax.named_scope("logits"):
+      if self.lm_head is None:
+        kernel = self.embed_tokens.embedding[...].T
+      else:
+        kernel = self.lm_head.kernel[...]
+      logits = jnp.einsum("...h,hv->...v", hidden, kernel, preferred_element_type=jnp.float32)
+      if self.cfg.final_logit_softcap:
+        cap = self.cfg.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
     return logits
 
 
