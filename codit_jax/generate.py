@@ -142,18 +142,18 @@ def read_prompts(config, tokenizer, max_prompt_len: int, enable_thinking):
   """The prompts to answer in input order, and the report of what was skipped or truncated."""
   fields = instructions.FieldMap.parse(config.prompt_fields)
   report = instructions.InputReport(config.prompts)
-  records = instructions.read_instructions(
+  started = time.perf_counter()
+  records = list(instructions.read_instructions(
       config.prompts, format=config.prompts_format or None, fields=fields, split=config.tfds_split,
-      tfds_data_dir=config.tfds_data_dir, strict=config.strict_input, report=report)
-  result = []
-  for record in records:
-    fitted = prompts.fit_prompt(tokenizer, record, max_prompt_len, config.long_prompts,
-                                system_prompt=config.system_prompt, enable_thinking=enable_thinking,
-                                report=report)
-    if fitted.ids is not None:
-      result.append(Prompt(record.id, fitted.instruction, tuple(fitted.ids)))
+      tfds_data_dir=config.tfds_data_dir, strict=config.strict_input, report=report))
+  fitted = prompts.fit_prompts(tokenizer, records, max_prompt_len, config.long_prompts,
+                               system_prompt=config.system_prompt, enable_thinking=enable_thinking, report=report)
+  result = [Prompt(record.id, fit.instruction, tuple(fit.ids)) for record, fit in zip(records, fitted)
+            if fit.ids is not None]
   if not result:
     raise CoditError(f"{config.prompts} holds no usable prompt, so nothing was written. {report.summary()}")
+  logging.info("%s: %d prompts read and tokenized in %.1f s.", config.prompts, len(result),
+               time.perf_counter() - started)
   return result, report
 
 

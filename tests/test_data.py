@@ -578,10 +578,42 @@ def test_fit_prompt_plain_text_and_no_report(tokenizers):
   assert fitted.status == "truncated" and len(fitted.ids) <= len(full) - 10
 
 
+@pytest.mark.parametrize("policy", ["skip", "truncate"])
+def test_fit_prompts_tokenized_in_batches_equal_each_prompt_encoded_alone(tokenizers, monkeypatch, policy):
+  """fit_prompts encodes ENCODE_BATCH prompts per tokenizer call; each prompt's ids are what the tokenizer
+  gives its rendered text alone, in input order across batch borders, long ones skipped or truncated."""
+  monkeypatch.setattr(prompts, "ENCODE_BATCH", 3)
+  qwen3 = tokenizers["qwen3"]
+  texts = ["Say hi.", _LONG_INSTRUCTION, "", "海の詩を書いて 🌊", "Write a list of three robots.",
+           _LONG_INSTRUCTION[::-1], "Why?", "  spaces  around  "]
+  alone = [qwen3.encode(prompts.render_prompt(qwen3, t, enable_thinking=False), add_special_tokens=False)
+           for t in texts]
+  max_len = max(len(ids) for i, ids in enumerate(alone) if texts[i] not in (_LONG_INSTRUCTION, _LONG_INSTRUCTION[::-1]))
+  assert max_len < min(len(alone[1]), len(alone[5]))
+  report = InputReport("seeds.jsonl")
+  records = [Instruction(f"i{k}", text, "seeds.jsonl", k + 1) for k, text in enumerate(texts)]
+  fitted = list(prompts.fit_prompts(qwen3, records, max_len, policy, enable_thinking=False, report=report))
+  assert len(fitted) == len(texts)
+  for text, ids, fit in zip(texts, alone, fitted):
+    if len(ids) <= max_len:
+      assert fit == prompts.FittedPrompt(ids, text, "ok", len(ids))
+    elif policy == "skip":
+      assert fit == prompts.FittedPrompt(None, text, "skipped", len(ids))
+    else:
+      assert fit.status == "truncated" and fit.original_length == len(ids) and len(fit.ids) <= max_len
+      assert fit.ids == qwen3.encode(prompts.render_prompt(qwen3, fit.instruction, enable_thinking=False),
+                                     add_special_tokens=False)
+  kind = "prompt_too_long" if policy == "skip" else "prompt_truncated"
+  assert report.counts == {kind: 2} and [e.split(":")[0] for e in report.examples] == [
+      "seeds.jsonl id 'i1'", "seeds.jsonl id 'i5'"]
+
+
 def test_fit_prompt_errors(tokenizers):
   llama = tokenizers["llama"]
   with pytest.raises(CoditError, match="prompt length policy 'cut' is unknown. Use one of skip, truncate"):
     prompts.fit_prompt(llama, "Hi", 100, "cut")
+  with pytest.raises(CoditError, match="prompt length policy 'cut' is unknown"):
+    prompts.fit_prompts(llama, ["Hi"], 100, "cut")  # at the call, before any prompt is taken
   template_only = len(prompts.build_prompt_ids(llama, ""))
   with pytest.raises(CoditError, match="leaves no room for any instruction text.*Raise max_prompt_len"):
     prompts.fit_prompt(llama, _LONG_INSTRUCTION, template_only, "truncate")
