@@ -120,6 +120,9 @@ def validate(config) -> None:
     raise CoditError(f"max_prompt_len must be >= 0 (0: from the model's context); got {config.max_prompt_len}.")
   if config.long_prompts not in _LONG_PROMPT_POLICIES:
     raise CoditError(f"long_prompts {config.long_prompts!r} is not one of {', '.join(_LONG_PROMPT_POLICIES)}.")
+  if "://" in config.profile_dir:
+    raise CoditError(f"profile_dir {config.profile_dir!r} must be a local folder (jax.profiler writes with the "
+                     "local file system): profile to one, then copy it (gcloud storage cp -r).")
   if config.get("pair_parallel") and config.mode != "codit":
     raise CoditError("pair_parallel splits the devices between the two models of a CoDIT pair; "
                      f"mode {config.mode!r} runs one model: set pair_parallel=False.")

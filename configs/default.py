@@ -70,7 +70,7 @@ def get_config() -> config_dict.ConfigDict:
   config.write_jsonl = False  # also write codit.jsonl in the reference implementation's layout
   config.write_parquet = False  # also write the dataset as Parquet files (Hugging Face datasets, TRL)
   config.log_every_seconds = 30.0
-  # A folder: a jax.profiler trace of profile_chunks decode chunks (from the second on) is written there,
+  # A local folder: a jax.profiler trace of profile_chunks decode chunks (from the second on) is written there,
   # for TensorBoard / XProf or ui.perfetto.dev. '' records none.
   config.profile_dir = ""
   config.profile_chunks = 8

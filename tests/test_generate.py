@@ -523,6 +523,7 @@ def test_no_usable_prompt_is_one_message_and_writes_nothing(tmp_path, content):
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(dtype="float16"), "dtype 'float16' is not supported"),
     (dict(pre_trained="WEIGHTLESS"), "holds no *.safetensors weights"),
+    (dict(profile_dir="gs://bucket/profile"), "profile_dir 'gs://bucket/profile' must be a local folder"),
 ])
 def test_bad_values_refused_before_output_dir_is_touched(tmp_path, change, message):
   """Issue 15.4: checked before anything is written or loaded; the corrected command then runs without --force."""
