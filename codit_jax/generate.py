@@ -390,8 +390,11 @@ def generate(config, force: bool = False) -> dict:
     post, pre = _load_models(config, decode_settings, post_path, pre_path, mesh)
     first.use_models(post, pre)
     done = len(items) - len(todo)
-    profiler = ChunkProfiler(os.path.expanduser(config.profile_dir), config.profile_chunks) \
-        if config.profile_dir else None
+    profiler = None
+    if config.profile_dir:  # a folder per process: processes of one host would write the same file names
+      profile_dir = os.path.expanduser(config.profile_dir)
+      profiler = ChunkProfiler(os.path.join(profile_dir, f"process_{process}") if num_processes > 1 else profile_dir,
+                               config.profile_chunks)
     try:
       for i, (prompt_len, slots, group) in enumerate(passes):
         if prompt_len > main_prompt_len:
