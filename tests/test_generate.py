@@ -256,7 +256,9 @@ def test_two_processes_equal_one(tmp_path, pair_parallel):
                  for name, seed in (("post", 0), ("pre", 1)))
     common.update(post_trained=post, pre_trained=pre)
   single = dict(common, output_dir=str(tmp_path / "single"))
-  multi = dict(common, output_dir=str(tmp_path / "multi"), pair_parallel=pair_parallel)
+  # A profile on the side: each process writes its own (it changes no record).
+  multi = dict(common, output_dir=str(tmp_path / "multi"), pair_parallel=pair_parallel,
+               profile_dir=str(tmp_path / "profile"), profile_chunks=1)
   one = _cli(_flags(single))
   _, err = one.communicate(timeout=600)
   assert one.returncode == 0, err
@@ -271,6 +273,8 @@ def test_two_processes_equal_one(tmp_path, pair_parallel):
   # post-trained half (process 0) writes them.
   assert writers == ({"p00000"} if pair_parallel else {"p00000", "p00001"})
   assert len(list(writer.read_examples(multi["output_dir"]))) == 11  # no row twice
+  for i in range(2):
+    assert len(list((tmp_path / "profile" / f"process_{i}").glob("plugins/profile/*/*.xplane.pb"))) == 1
   a, b = _records(single["output_dir"]), _records(multi["output_dir"])
   assert sorted(a) == sorted(b) == sorted(f"p{i}" for i in range(11))
   for key in a:
