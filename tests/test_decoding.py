@@ -358,6 +358,43 @@ def test_compiled_programs_bounded_by_buckets():
     _generate(engine, [("long", [1] * 101)])
 
 
+def test_finished_rows_are_handed_on_while_the_next_chunk_runs(monkeypatch):
+  """The rows a chunk finished come out of Engine.run once the next chunk is dispatched (so the caller's
+  work on them, writing the dataset, overlaps the devices'), except after the last chunk; each exactly once."""
+  post, pre, _ = _jax_pair("llama")
+  rng = np.random.default_rng(3)
+  examples = [(f"e{i}", rng.integers(0, V, size=int(n)).tolist()) for i, n in enumerate(rng.integers(3, 30, 9))]
+  end = int(np.bincount(np.concatenate([c.tokens for c in _generate(
+      Engine(post, pre, _settings(), batch_size=4, max_prompt_len=32, min_bucket=32), examples[:3])])).argmax())
+  settings = _settings(end_ids=(end,))
+  events = []  # ("dispatch", chunk) | ("chunk done", chunk, prompts done so far) | ("completion", id)
+  real_decode_chunk = engine_lib.decode_chunk
+
+  def dispatching(*args, **kwargs):
+    events.append(("dispatch", sum(e[0] == "dispatch" for e in events) + 1))
+    return real_decode_chunk(*args, **kwargs)
+
+  monkeypatch.setattr(engine_lib, "decode_chunk", dispatching)
+  engine = Engine(post, pre, settings, batch_size=4, max_prompt_len=32, min_bucket=32, chunk_steps=3)
+  # on_chunk runs after the chunk last dispatched has finished.
+  on_chunk = lambda stats: events.append(  # noqa: E731
+      ("chunk done", max(e[1] for e in events if e[0] == "dispatch"), stats.prompts_done))
+  completions = []
+  for completion in engine.run(examples, on_chunk=on_chunk):
+    completions.append(completion)
+    events.append(("completion", completion.id))
+  chunks = max(e[1] for e in events if e[0] == "dispatch")
+  assert sorted(c.id for c in completions) == sorted(i for i, _ in examples)
+  assert {c.finish_reason for c in completions} == {"stop", "length"} and chunks > 3
+  done_after = [e for e in events if e[0] == "chunk done"]
+  for n, index in enumerate(i for i, e in enumerate(events) if e[0] == "completion"):
+    chunk = next(c for _, c, done in done_after if done > n)  # the chunk that finished the n-th row
+    dispatched = [i for i, e in enumerate(events) if e == ("dispatch", chunk + 1)]
+    if chunk < chunks:
+      assert dispatched and dispatched[0] < index, (n, chunk, events)  # handed on once the next chunk runs
+    assert not [e for e in events[:index] if e[0] == "chunk done" and e[1] > chunk + 1], (n, events)  # not later
+
+
 @pytest.mark.parametrize("model_parallelism", [None, 2], ids=["one-device", "mesh"])
 def test_compile_ahead_from_abstract_models_compiles_each_program_once_off_the_main_thread(model_parallelism, caplog):
   """compile_ahead, on an engine made with the models' abstract stand-ins (no weights read), compiles

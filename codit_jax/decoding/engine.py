@@ -21,9 +21,10 @@ generate) and MaxText's offline engine:
     steps of every live row, leaving early once `min_free` slots are free (a
     refill pays off) or no row is live.
 The host (`Engine.run`) loops: admit waiting prompts (in length order) into the
-free slots, dispatch a chunk, read the replicated done flags, hand the finished
-rows on. The state is donated to every program, and nothing returns to the host
-per token. `Engine.compile_ahead` (codit-generate) compiles the decode program and
+free slots, dispatch a chunk, hand on the rows the chunk before finished (the
+caller's work on them, writing the dataset, runs while the devices decode), read
+the replicated done flags. The state is donated to every program, and nothing
+returns to the host per token. `Engine.compile_ahead` (codit-generate) compiles the decode program and
 the admit programs of the run's buckets in background threads, from the models'
 shapes alone: while the weights load and the first rows decode, instead of one
 after another as each is needed.
@@ -150,11 +151,16 @@ class DecodeState(NamedTuple):
 
 
 class ChunkReport(NamedTuple):
-  """What the host reads after a chunk (replicated, so every process reads the same)."""
+  """What the host reads after a chunk. The first three are replicated, so every process takes the
+  same decisions; emitted and out are the rows' counts and outputs at the chunk's end, sharded as the
+  state's rows (each process reads its own) and buffers of their own: the host reads the finished rows
+  from them while the next chunk runs on the state, which it was donated."""
 
   done: jax.Array  # (B,)
   steps: jax.Array  # decode steps the chunk ran
   live_slot_steps: jax.Array  # sum over those steps of the live rows: the useful slot-steps
+  emitted: jax.Array  # (B,)
+  out: Outputs
 
 
 def _over_pair(stacked: Decoder, fn, *stacked_args):
@@ -342,8 +348,12 @@ def _decode_chunk(post, pre, state: DecodeState, seed, min_free, *, settings: De
 
   zero = jnp.asarray(0, jnp.int32)
   steps, live_steps, state = jax.lax.while_loop(keep_going, one_step, (zero, zero, state))
-  report = ChunkReport(_replicated(state.rows.done, mesh), _replicated(steps, mesh), _replicated(live_steps, mesh))
-  return _constrain(state, mesh, settings.pair_parallel), report
+  state = _constrain(state, mesh, settings.pair_parallel)
+  # Copies: the state's own buffers are the next program's (donated) before the host reads them.
+  rows_emitted, rows_out = jax.tree.map(jnp.copy, (state.rows.emitted, state.out))
+  report = ChunkReport(_replicated(state.rows.done, mesh), _replicated(steps, mesh), _replicated(live_steps, mesh),
+                       rows_emitted, rows_out)
+  return state, report
 
 
 init_state = jax.jit(_init_state, static_argnames=("settings", "slots", "cache_len", "mesh"))
@@ -486,7 +496,8 @@ class Engine:
 
     Every process of a multi-process run calls this with the same examples; each
     gets back the rows that its devices decoded. Prompts are admitted shortest
-    first. on_chunk(stats) is called after every decode chunk. A program that
+    first. A chunk's finished rows come out once the next chunk is dispatched, so
+    the caller's work on them overlaps the devices' (the last chunk's at the end). on_chunk(stats) is called after every decode chunk. A program that
     `compile_ahead` is compiling is waited for, not compiled a second time.
     """
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((self.post, self.pre))):
@@ -508,6 +519,9 @@ class Engine:
 
   def _loop(self, state, seed, waiting, occupant, started, on_chunk) -> Iterator[Completion]:
     ready = lambda key: self._compiling[key].result() if key in self._compiling else None  # noqa: E731
+    # The rows the last chunk finished: handed on once the next chunk is dispatched, so that the host's
+    # work on them (the caller writes the dataset) overlaps the devices' instead of leaving them idle.
+    pending = None
     while waiting or any(o is not None for o in occupant):
       free = [s for s, o in enumerate(occupant) if o is None]
       while waiting and free:
@@ -527,17 +541,20 @@ class Engine:
       ready("decode")
       state, report = decode_chunk(self.post, self.pre, state, seed, np.int32(min_free), settings=self.settings,
                                    chunk_steps=self.chunk_steps, mesh=self.mesh)
-      done = np.asarray(report.done)
+      if pending is not None:
+        yield from self._completions(*pending)
+      done = np.asarray(report.done)  # waits for the chunk
       finished = [s for s, o in enumerate(occupant) if o is not None and done[s]]
-      self._count(report, bool(waiting))
-      if finished:
-        yield from self._completions(state, finished, occupant)
-        for s in finished:
-          occupant[s] = None
+      self._count(report, bool(waiting), len(finished))
+      pending = (report, finished, [occupant[s] for s in finished]) if finished else None
+      for s in finished:
+        occupant[s] = None
       self.stats.live_slots = sum(o is not None for o in occupant)
       self.stats.seconds = time.perf_counter() - started
       if on_chunk is not None:
         on_chunk(self.stats)
+    if pending is not None:
+      yield from self._completions(*pending)
 
   def compile_ahead(self, prompt_lengths: Sequence[int]) -> None:
     """Starts compiling the programs a run of prompts of these lengths calls, in background threads:
@@ -589,26 +606,26 @@ class Engine:
     # The same group on every process: each places its devices' copies.
     return jax.make_array_from_callback(array.shape, NamedSharding(self.mesh, P()), lambda index: array[index])
 
-  def _count(self, report: ChunkReport, waiting: bool) -> None:
+  def _count(self, report: ChunkReport, waiting: bool, finished: int) -> None:
     steps, live = int(report.steps), int(report.live_slot_steps)
     stats = self.stats
     stats.slot_steps += steps * self.batch_size
     stats.live_slot_steps += live
-    stats.generated_tokens += live
+    stats.prompts_done += finished
+    stats.generated_tokens += live + finished  # a finished row's first token was drawn at its admission
     if waiting:
       stats.waiting_slot_steps += steps * self.batch_size
       stats.waiting_live_slot_steps += live
 
-  def _completions(self, state: DecodeState, finished: list[int], occupant) -> Iterator[Completion]:
+  def _completions(self, report: ChunkReport, finished: list[int], examples: list) -> Iterator[Completion]:
+    """The completions of the `finished` slots (holding `examples`) that this process reports."""
     # With pair_parallel both halves of the devices hold every row: the post-trained half reports them.
     reporting = set(self.mesh.devices[0].flat) if self.settings.pair_parallel else None
-    emitted = _local_rows(state.rows.emitted, reporting)
-    local = [s for s in finished if s in emitted]
-    outputs = {name: _local_rows(value, reporting) for name, value in state.out._asdict().items()} if local else {}
-    self.stats.prompts_done += len(finished)
-    self.stats.generated_tokens += len(finished)  # each row's first token, drawn at its admission
-    for s in local:
-      yield self._completion(occupant[s][0], int(emitted[s]), {name: rows[s] for name, rows in outputs.items()})
+    emitted = _local_rows(report.emitted, reporting)
+    local = [(s, example) for s, example in zip(finished, examples) if s in emitted]
+    outputs = {name: _local_rows(value, reporting) for name, value in report.out._asdict().items()} if local else {}
+    for s, (example_id, _) in local:
+      yield self._completion(example_id, int(emitted[s]), {name: rows[s] for name, rows in outputs.items()})
 
   def _completion(self, example_id: str, emitted: int, row: dict) -> Completion:
     # The three ways a row ends: an end token, the token budget, a loop (stop_repetitive).
