@@ -534,7 +534,11 @@ def _summarize(output_dir: str, report, new_rows: int) -> dict:
 def run() -> None:
   """Console script entry point (codit-generate); errors a user can act on are one line."""
   runtime.run_app(main, "codit-generate", _HELP, keys_file="configs/default.py",
-                  resume_hint="rerun the same command to resume: the shards already written are kept")
+                  resume_hint="rerun the same command to resume: the shards already written are kept",
+                  out_of_memory_hint="Plan less KV cache per device: --config.kv_cache_gib (the log's 'memory:' "
+                  "line shows what was planned) or a smaller --config.batch_size, or spread each model over more "
+                  "devices (--config.model_parallelism). None of these changes the dataset: rerun with them and "
+                  "the shards already written are kept")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,8 @@ line turns all of it off.
 
 `run_app(main, ...)` is the console entry point of both programs: it prints the
 program's --help and exits 0, and turns what a user can act on (a CoditError, a
-mistyped config key, a flag error, a missing extra, Ctrl-C) into one line on
-stderr instead of a traceback.
+mistyped config key, a flag error, a missing extra, Ctrl-C, the devices out of
+memory) into one line on stderr instead of a traceback.
 """
 
 from __future__ import annotations
@@ -178,13 +178,15 @@ class _ConsoleFilter(std_logging.Filter):
 
 
 def run_app(main: Callable[[list[str]], None], program: str, help_text: str, keys_file: str,
-            resume_hint: str) -> None:
+            resume_hint: str, out_of_memory_hint: str) -> None:
   """Runs `main` as an absl app, with one-line errors; never returns.
 
   program: the console script's name, which starts every error line.
   help_text: what --help prints before the program's flags.
   keys_file: where the config keys are listed, named in the message of a mistyped key.
   resume_hint: what a rerun after Ctrl-C does, e.g. "rerun the same command to resume".
+  out_of_memory_hint: which settings to change, and what a rerun with them does, when XLA runs out of
+    device memory (RESOURCE_EXHAUSTED, at compile time or run time).
   """
   from absl import app  # pylint: disable=g-import-not-at-top  (after quiet_environment)
   from absl import logging  # pylint: disable=g-import-not-at-top
@@ -215,6 +217,22 @@ def run_app(main: Callable[[list[str]], None], program: str, help_text: str, key
     if top not in _EXTRAS:
       raise
     _fail(program, f"this needs the optional package {top!r}, which is not installed: {_EXTRAS[top]}", 1)
+  except Exception as e:  # pylint: disable=broad-except
+    if not is_out_of_memory(e):
+      raise
+    _fail(program, f"the devices ran out of memory ({_first_line(e)}). {out_of_memory_hint}.", 1)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """XLA's out-of-memory error, from a compile (TPU: "Ran out of memory in memory space hbm") or an
+  allocation ("Out of memory while trying to allocate ...")."""
+  jax = sys.modules.get("jax")
+  return jax is not None and isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+  return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _fail(program: str, message: str, code: int):

@@ -190,13 +190,45 @@ from codit_jax import runtime
 def main(argv):
   import torch  # noqa: F401
 
-runtime.run_app(main, "codit-generate", "help", keys_file="configs/default.py", resume_hint="rerun")
+runtime.run_app(main, "codit-generate", "help", keys_file="configs/default.py", resume_hint="rerun",
+                out_of_memory_hint="use less")
 """
 
 
 def test_missing_optional_package_names_the_pip_command():
   result = _run(["-c", _MISSING_TORCH_APP])
   _assert_one_error_line(result, "codit-generate: error:", "'torch'", 'pip install torch==2.13.0 && pip install -e ".[test]"')
+
+
+# The program's own entry point, around a main that asks the CPU device for 4 TiB: XLA's real
+# RESOURCE_EXHAUSTED (or, with "other", an XLA error that is not about memory).
+_OUT_OF_MEMORY_APP = """
+import sys
+import {module} as app
+import jax
+OTHER = "other" in sys.argv[1:]
+
+def main(argv):
+  if OTHER:
+    raise jax.errors.JaxRuntimeError("INTERNAL: something else broke")
+  jax.numpy.zeros((1 << 40,), jax.numpy.float32).block_until_ready()
+
+app.main = main
+sys.argv = ["prog", "--config={config}"]
+app.run()
+"""
+
+
+@pytest.mark.parametrize("module,config,program,hint", [
+    ("codit_jax.generate", "configs/demo.py", "codit-generate", "--config.kv_cache_gib"),
+    ("codit_jax.train.app", "configs/sft_demo.py", "codit-train", "--config.grad_accumulation"),
+])
+def test_devices_out_of_memory_is_one_line_naming_the_settings(module, config, program, hint):
+  result = _run(["-c", _OUT_OF_MEMORY_APP.format(module=module, config=config)])
+  line = _assert_one_error_line(result, f"{program}: error: the devices ran out of memory (RESOURCE_EXHAUSTED:", hint)
+  assert result.returncode == 1, line
+  other = _run(["-c", _OUT_OF_MEMORY_APP.format(module=module, config=config), "other"])
+  assert other.returncode == 1 and "Traceback" in other.stderr and "something else broke" in other.stderr  # not hidden
 
 
 def test_folder_without_tokenizer_is_refused_by_name(tmp_path):

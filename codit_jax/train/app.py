@@ -43,7 +43,11 @@ def main(argv) -> None:
 def run() -> None:
   """Console script entry point (codit-train); errors a user can act on are one line."""
   runtime.run_app(main, "codit-train", _HELP, keys_file="configs/sft_default.py",
-                  resume_hint="rerun the same command to resume from the latest checkpoint in output_dir")
+                  resume_hint="rerun the same command to resume from the latest checkpoint in output_dir",
+                  out_of_memory_hint="Lower --config.batch_size (a higher --config.grad_accumulation keeps the "
+                  "optimizer step's size) or --config.max_length, or use --config.dtype=bfloat16 or more devices "
+                  "per model (--config.model_parallelism). These change the training: rerun with them into a new "
+                  "output_dir")
 
 
 if __name__ == "__main__":  # python -m codit_jax.train.app, as launch_tpu.sh --module= runs it
