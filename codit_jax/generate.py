@@ -387,7 +387,9 @@ def generate(config, force: bool = False) -> dict:
     # The first pass's programs compile from the models' shapes while their weights load.
     first = compiling_engine(*_load_models(config, decode_settings, post_path, pre_path, mesh, abstract=True),
                              *passes[0])
+    loading = time.perf_counter()
     post, pre = _load_models(config, decode_settings, post_path, pre_path, mesh)
+    logging.info("weights loaded in %.1f s.", time.perf_counter() - loading)
     first.use_models(post, pre)
     done = len(items) - len(todo)
     profiler = None

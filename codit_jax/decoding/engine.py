@@ -62,6 +62,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -517,8 +518,18 @@ class Engine:
       for future in self._compiling.values():
         future.cancel()  # those not started (the run ended early); running ones finish in their thread
 
+  def _ready(self, key) -> None:
+    """Waits for `compile_ahead`'s compile of program `key`, if any; says so when it must wait."""
+    future = self._compiling.get(key)
+    if future is None:
+      return
+    if not future.done():
+      name = "decode program" if key == "decode" else f"admit program of prompts up to {key[1]} tokens"
+      logging.info("waiting for the %s to compile.", name)
+    future.result()
+
   def _loop(self, state, seed, waiting, occupant, started, on_chunk) -> Iterator[Completion]:
-    ready = lambda key: self._compiling[key].result() if key in self._compiling else None  # noqa: E731
+    ready = self._ready
     # The rows the last chunk finished: handed on once the next chunk is dispatched, so that the host's
     # work on them (the caller writes the dataset) overlaps the devices' instead of leaving them idle.
     pending = None
@@ -583,6 +594,8 @@ class Engine:
     # One XLA:CPU compile keeps about 1.6 cores busy (measured: 2.9 s of CPU in 1.9 s), so on a host
     # of 2 or 3 cores two at once only slow down the one needed first: there they run one after
     # another, in the order needed. Hosts with more cores compile several at once.
+    logging.info("compiling %d programs in the background: decode, and admit for prompts up to %s tokens.",
+                 len(jobs), ", ".join(map(str, buckets)))
     threads = max(1, min(len(jobs), len(os.sched_getaffinity(0)) // 2))
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="codit-compile")
     self._compiling = {key: pool.submit(job) for key, job in jobs.items()}
