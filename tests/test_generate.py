@@ -567,13 +567,17 @@ def test_console_script_installed():
   assert "USAGE" in run.stdout and "--config" in run.stdout and "--coordinator_address" in run.stdout  # absl help exits 1
 
 
-def test_a_local_run_imports_neither_tensorflow_nor_keras(tmp_path):
+def test_a_local_run_imports_neither_tensorflow_nor_keras_nor_torch(tmp_path):
   """TensorFlow (and keras, which it imports) are seconds of start-up that a local output_dir does not
-  need: the whole run, as the console script starts it (codit_jax/__init__'s start-up included), without."""
+  need, and so is torch, which transformers imports whenever it is installed (as it is here: the tests'
+  reference): the whole run, as the console script starts it (codit_jax/__init__'s start-up included),
+  without any of them."""
+  import torch  # noqa: F401  (installed, and so a run left to transformers would import it)
   prompts_file = _write_prompts(tmp_path / "seed.jsonl", 5)
   settings = _overrides(tmp_path, prompts=str(prompts_file), write_jsonl=True, write_parquet=True)
   script = ("import atexit, sys; sys.argv[0] = 'codit-generate'; "
-            "atexit.register(lambda: print('loaded:', sorted({'tensorflow', 'keras'} & set(sys.modules)))); "
+            "atexit.register(lambda: print('loaded:', sorted({'tensorflow', 'keras', 'torch'} & "
+            "{name for name, module in sys.modules.items() if module is not None}))); "
             "from codit_jax.generate import run; run()")
   env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   result = subprocess.run([sys.executable, "-c", script, f"--config={DEFAULT_CONFIG}", *_flags(settings)], cwd=REPO,
