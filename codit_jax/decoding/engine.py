@@ -24,10 +24,10 @@ The host (`Engine.run`) loops: admit waiting prompts (in length order) into the
 free slots, dispatch a chunk, hand on the rows the chunk before finished (the
 caller's work on them, writing the dataset, runs while the devices decode), read
 the replicated done flags. The state is donated to every program, and nothing
-returns to the host per token. `Engine.compile_ahead` (codit-generate) compiles the decode program and
-the admit programs of the run's buckets in background threads, from the models'
-shapes alone: while the weights load and the first rows decode, instead of one
-after another as each is needed.
+returns to the host per token. `Engine.compile_ahead` (codit-generate) compiles
+the decode program and the admit programs of the run's buckets in background
+threads, from the models' shapes alone: while the weights load and the first
+rows decode, instead of one after another as each is needed.
 
 A row's tokens depend only on its own data: its prompt, its sampling keys
 fold_in(fold_in(key(seed), hash(id)), t) with t its own token index, its own
@@ -498,7 +498,8 @@ class Engine:
     Every process of a multi-process run calls this with the same examples; each
     gets back the rows that its devices decoded. Prompts are admitted shortest
     first. A chunk's finished rows come out once the next chunk is dispatched, so
-    the caller's work on them overlaps the devices' (the last chunk's at the end). on_chunk(stats) is called after every decode chunk. A program that
+    the caller's work on them overlaps the devices' (the last chunk's at the end).
+    on_chunk(stats) is called after every decode chunk. A program that
     `compile_ahead` is compiling is waited for, not compiled a second time.
     """
     if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves((self.post, self.pre))):
