@@ -231,12 +231,12 @@ def run_app(main: Callable[[list[str]], None], program: str, help_text: str, key
       raise
     _fail(program, f"this needs the optional package {top!r}, which is not installed: {_EXTRAS[top]}", 1)
   except Exception as e:  # pylint: disable=broad-except
-    if not is_out_of_memory(e):
+    if not _is_out_of_memory(e):
       raise
     _fail(program, f"the devices ran out of memory ({_first_line(e)}). {out_of_memory_hint}.", 1)
 
 
-def is_out_of_memory(error: BaseException) -> bool:
+def _is_out_of_memory(error: BaseException) -> bool:
   """XLA's out-of-memory error, from a compile (TPU: "Ran out of memory in memory space hbm") or an
   allocation ("Out of memory while trying to allocate ...")."""
   jax = sys.modules.get("jax")

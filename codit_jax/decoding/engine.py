@@ -530,7 +530,6 @@ class Engine:
     future.result()
 
   def _loop(self, state, seed, waiting, occupant, started, on_chunk) -> Iterator[Completion]:
-    ready = self._ready
     # The rows the last chunk finished: handed on once the next chunk is dispatched, so that the host's
     # work on them (the caller writes the dataset) overlaps the devices' instead of leaving them idle.
     pending = None
@@ -543,14 +542,14 @@ class Engine:
         while waiting and len(group) < min(size, len(free)) and self.bucket_for(len(waiting[0][1])) == bucket:
           group.append(waiting.popleft())
         targets, free = free[:len(group)], free[len(group):]
-        ready(("admit", bucket))
+        self._ready(("admit", bucket))
         state = admit(self.post, self.pre, state, *self._group_inputs(group, targets, bucket, size), seed,
                       settings=self.settings, cache_len=self.cache_len, mesh=self.mesh)
         for example, slot in zip(group, targets):
           occupant[slot] = example
       min_free = min(self.group_size(self.bucket_for(len(waiting[0][1]))), len(waiting)) if waiting else \
           self.batch_size
-      ready("decode")
+      self._ready("decode")
       state, report = decode_chunk(self.post, self.pre, state, seed, np.int32(min_free), settings=self.settings,
                                    chunk_steps=self.chunk_steps, mesh=self.mesh)
       if pending is not None:
