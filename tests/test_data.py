@@ -461,6 +461,25 @@ def test_end_token_ids_union_generation_config_and_tokenizer_eos(tokenizers, tmp
     prompts.end_token_ids(llama, tmp_path / "broken")
 
 
+def test_end_token_ids_of_a_checkpoint_without_generation_config(tokenizers, tmp_path):
+  # transformers' GenerationConfig.from_model_config: config.json's eos_token_id, else its text_config's
+  # (a multimodal checkpoint); a generation_config.json, where there is one, is read instead.
+  llama = tokenizers["llama"]
+  eot, end_of_text, eom = (llama.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>", "<|eom_id|>"))
+  (tmp_path / "plain").mkdir()
+  (tmp_path / "plain" / "config.json").write_text(json.dumps({"eos_token_id": [end_of_text, eom, eot]}))
+  assert prompts.end_token_ids(llama, tmp_path / "plain") == sorted([end_of_text, eom, eot])
+  (tmp_path / "multimodal").mkdir()
+  (tmp_path / "multimodal" / "config.json").write_text(json.dumps({"text_config": {"eos_token_id": eom}}))
+  assert prompts.end_token_ids(llama, tmp_path / "multimodal") == sorted([eom, eot])
+  (tmp_path / "plain" / "generation_config.json").write_text(json.dumps({"eos_token_id": end_of_text}))
+  assert prompts.end_token_ids(llama, tmp_path / "plain") == sorted([end_of_text, eot])
+  (tmp_path / "broken_config").mkdir()
+  (tmp_path / "broken_config" / "config.json").write_text("{")
+  with pytest.raises(CoditError, match="config.json is not valid JSON"):
+    prompts.end_token_ids(llama, tmp_path / "broken_config")
+
+
 def test_end_token_ids_of_a_real_checkpoint_layout(tokenizers, tmp_path):
   # make_checkpoint's generation_config for qwen3 lists <|im_end|> and <|endoftext|>; the tokenizer's eos
   # is <|im_end|>. Written here the way transformers writes it, without building the model.

@@ -71,7 +71,9 @@ def end_token_ids(tokenizer, generation_config: Mapping[str, Any] | str | Path |
   """Sorted union of generation_config's eos_token_id (int or list) and the tokenizer's eos.
 
   `generation_config` is its dict, a generation_config.json file, a checkpoint
-  folder holding one, or None (tokenizer eos only).
+  folder, or None (tokenizer eos only). A folder without generation_config.json
+  stands in config.json's eos_token_id (else its text_config's), as
+  transformers' GenerationConfig.from_model_config does for such a checkpoint.
   """
   config = _generation_config_dict(generation_config)
   ids = set(_as_id_list(config.get("eos_token_id")))
@@ -79,7 +81,7 @@ def end_token_ids(tokenizer, generation_config: Mapping[str, Any] | str | Path |
     ids.add(int(tokenizer.eos_token_id))
   if not ids:
     raise CoditError(
-        "no end token: neither generation_config.json (eos_token_id) nor the tokenizer (eos_token) "
+        "no end token: neither generation_config.json or config.json (eos_token_id) nor the tokenizer (eos_token) "
         "names one, so generation could never stop before the length limit. Use the post-trained "
         "checkpoint's own tokenizer and generation_config.json.")
   return sorted(ids)
@@ -89,11 +91,22 @@ def _generation_config_dict(config: Mapping[str, Any] | str | Path | None) -> Ma
   if config is None or isinstance(config, Mapping):
     return config or {}
   path = Path(config).expanduser()
+  if path.is_dir() and not (path / "generation_config.json").is_file() and (path / "config.json").is_file():
+    model_config = _read_json(path / "config.json")
+    eos = model_config.get("eos_token_id")
+    if eos is None:
+      eos = (model_config.get("text_config") or {}).get("eos_token_id")
+    logging.info("%s has no generation_config.json: end tokens come from config.json (eos_token_id %s) and "
+                 "the tokenizer.", path, eos)
+    return {"eos_token_id": eos}
   path = path / "generation_config.json" if path.is_dir() else path
   if not path.is_file():
-    # Many checkpoints ship without one; the tokenizer's eos still applies.
     logging.info("%s does not exist: end tokens come from the tokenizer only.", path)
     return {}
+  return _read_json(path)
+
+
+def _read_json(path: Path) -> Any:
   try:
     return json.loads(path.read_text())
   except json.JSONDecodeError as e:
