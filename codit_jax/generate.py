@@ -306,6 +306,13 @@ def generate(config, force: bool = False) -> dict:
   force: delete a dataset in output_dir written with other settings or prompts (only the files
   that codit-generate wrote).
   """
+  try:
+    return _generate(config, force)
+  finally:
+    writer_lib.release_locks()  # output_dir's lock, which process 0 takes when it claims the folder
+
+
+def _generate(config, force: bool) -> dict:
   if config is None:
     raise CoditError("no config: pass --config=configs/<file>.py (configs/demo.py runs offline).")
   validate(config)
@@ -425,7 +432,7 @@ def generate(config, force: bool = False) -> dict:
   summary = {}
   if process == 0:
     writer.finish(_metadata(settings, config, vocab_size, end_ids, report), _description(config))
-    summary = _summarize(config.output_dir, report, new_rows=len(todo))
+    summary = _summarize(writer.output_dir, report, new_rows=len(todo))
   _barrier("finished")
   return summary
 

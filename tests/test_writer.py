@@ -9,6 +9,8 @@ import errno
 import glob
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -413,7 +415,7 @@ def test_other_settings_are_refused_naming_them_and_force_deletes_only_project_f
   other.check_claimable(force=True)
   assert all_files(folder) == before  # checking never changes anything
   other.claim(force=True)
-  assert all_files(folder) == {"notes.txt", "parts/my-notes.txt", "run.json"}
+  assert all_files(folder) == {"notes.txt", "parts/my-notes.txt", "run.json", ".codit-lock"}
   assert (folder / "notes.txt").read_text() == "mine"
   assert json.loads((folder / "run.json").read_text())["alpha"] == 0.1
   assert other.finished() == {}
@@ -455,7 +457,93 @@ def test_a_folder_of_editor_backups_is_not_empty(tmp_path):
   make_dataset(folder)
   (folder / "parts" / "draft.txt~").write_text("mine")
   new_writer(folder, dict(SETTINGS, alpha=0.1)).claim(force=True)
-  assert all_files(folder) == {"parts/draft.txt~", "run.json"}
+  assert all_files(folder) == {"parts/draft.txt~", "run.json", ".codit-lock"}
+
+
+@pytest.mark.parametrize("layout", ["hugging_face_save_to_disk", "notes_and_metadata", "another_tools_run_json"])
+def test_another_tools_metadata_files_do_not_make_a_folder_ours(tmp_path, layout):
+  # dataset_info.json, metadata.json and run.json are names other tools write too: alone they must not
+  # make a folder look like codit-generate's, or --force would delete (and finish() overwrite) them.
+  folder = tmp_path / "theirs"
+  folder.mkdir()
+  files = {"hugging_face_save_to_disk": {"data-00000-of-00001.arrow": "arrow", "dataset_info.json": "{}",
+                                         "state.json": "{}"},
+           "notes_and_metadata": {"notes.txt": "mine", "metadata.json": '{"author": "me"}'},
+           "another_tools_run_json": {"run.json": '{"lr": 0.1, "steps": 10}', "model.bin": "w"}}[layout]
+  for name, text in files.items():
+    (folder / name).write_text(text)
+  for force in (False, True):
+    with pytest.raises(CoditError, match="Choose an empty or new folder"):
+      new_writer(folder).claim(force=force)
+  assert {name: (folder / name).read_text() for name in all_files(folder)} == files
+
+
+def test_a_run_json_that_is_not_json_is_not_ours(tmp_path):
+  folder = tmp_path / "out"
+  make_dataset(folder)
+  (folder / "run.json").write_text("{broken")
+  for force in (False, True):
+    with pytest.raises(CoditError, match="holds a run.json that codit-generate did not write"):
+      new_writer(folder).claim(force=force)
+  assert (folder / "run.json").read_text() == "{broken"
+
+
+def test_other_tfrecord_files_beside_the_shards_are_left_alone(tmp_path):
+  # finish() names its own shards to TFDS: it does not scan the folder for *-<split>.tfrecord-* files.
+  folder = tmp_path / "out"
+  w = new_writer(folder)
+  w.claim()
+  add(w, range(3))
+  w.finish({}, "test")
+  for name in ("mybackup-train.tfrecord-00000", "codit-test.tfrecord-00000"):
+    (folder / name).write_bytes((folder / writer.shard_name(0)).read_bytes())
+  w = new_writer(folder)
+  w.claim()
+  add(w, range(3, 5))
+  assert w.finish({}, "test") == 5
+  assert sorted(read_ids(folder)) == [f"ex{i:03d}" for i in range(5)]
+  assert (folder / "mybackup-train.tfrecord-00000").exists() and (folder / "codit-test.tfrecord-00000").exists()
+
+
+def test_a_home_relative_output_dir_is_expanded(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  w = writer.DatasetWriter("~/out", SETTINGS)
+  assert w.output_dir == str(tmp_path / "out")
+  w.claim()
+  assert (tmp_path / "out" / "run.json").exists() and not os.path.exists("~")
+
+
+_HOLD_LOCK = """
+import sys, time
+from codit_jax.data import writer
+writer.DatasetWriter(sys.argv[1], {settings!r}).claim()
+print("claimed", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_run_on_the_folder_is_refused_until_the_first_ends(tmp_path):
+  folder = tmp_path / "out"
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK.format(settings=SETTINGS), str(folder)],
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "claimed\n"
+    before = {name: (folder / name).read_bytes() for name in all_files(folder)}
+    for settings in (SETTINGS, dict(SETTINGS, alpha=0.5)):  # resuming it, or --force over it
+      with pytest.raises(CoditError, match=rf"another codit-generate run \(pid {holder.pid} on .*\) is writing to"):
+        new_writer(folder, settings).claim(force=True)
+    assert {name: (folder / name).read_bytes() for name in all_files(folder)} == before
+  finally:
+    holder.kill()  # SIGKILL: the kernel releases its lock
+    holder.wait()
+  w = new_writer(folder)
+  w.claim()
+  add(w, [1])
+  assert w.finish({}, "test") == 1
+  writer.release_locks()  # codit-generate's end of run: another process may claim it now
+  again = subprocess.run([sys.executable, "-c", _HOLD_LOCK.format(settings=SETTINGS).replace("time.sleep(600)", ""),
+                          str(folder)], capture_output=True, text=True, check=False)
+  assert again.stdout == "claimed\n", again.stderr
 
 
 def test_project_files_without_run_json_need_force(tmp_path):
@@ -466,7 +554,7 @@ def test_project_files_without_run_json_need_force(tmp_path):
   with pytest.raises(CoditError, match="no run.json"):
     new_writer(folder).claim()
   new_writer(folder).claim(force=True)
-  assert all_files(folder) == {"notes.txt", "run.json"}
+  assert all_files(folder) == {"notes.txt", "run.json", ".codit-lock"}
 
 
 def test_an_empty_or_new_folder_is_claimed(tmp_path):

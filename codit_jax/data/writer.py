@@ -11,6 +11,7 @@ Layout of `output_dir` (all files go through etils.epath: a local folder, with p
 that a local run never imports TensorFlow; or gs://, through tf.io.gfile):
 
     run.json                            the settings that decide the dataset (resume guard)
+    .codit-lock                         held (flock) by process 0 of the run writing here (local folders)
     parts/<part>.tfrecord               a shard's records, until finish() gives it its TFDS name
     parts/<part>.jsonl                  its records in the authors' JSONL layout (write_jsonl)
     parts/<part>.parquet                its records as Parquet, until finish() moves it (write_parquet)
@@ -55,10 +56,12 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import fcntl
 import json
 import os
 import posixpath
 import re
+import socket
 import struct
 import sys
 import time
@@ -80,6 +83,7 @@ FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
 # stop_repetitive's rule (codit_jax.decoding.repetition_stop). Only 'stop' is is_completed.
 FINISH_REASONS = ("stop", "length", "repetitive")
 RUN_FILE = "run.json"
+LOCK_FILE = ".codit-lock"
 PLAN_FILE = "shards.json"
 JSONL_FILE = "codit.jsonl"
 PARTS_DIR = "parts"
@@ -165,7 +169,7 @@ class DatasetWriter:
                write_parquet: bool = False, not_content: frozenset = frozenset()):
     if rows_per_shard < 1:
       raise ValueError(f"rows_per_shard must be at least 1, not {rows_per_shard}")
-    self.output_dir = output_dir.rstrip("/") or "/"
+    self.output_dir = (output_dir if "://" in output_dir else os.path.expanduser(output_dir)).rstrip("/") or "/"
     if "://" in self.output_dir:
       # etils reaches gs:// through tf.io.gfile: import TF now, without its native start-up lines.
       runtime.import_tensorflow_quietly()
@@ -195,7 +199,9 @@ class DatasetWriter:
 
     Claimable: a folder that does not exist yet (in a writable place), an empty folder, or a
     folder holding this project's dataset of the same settings (resume) or, with force, of
-    other settings. Never a folder of other files, with or without force.
+    other settings. Never a folder of other files, with or without force: TFDS metadata files
+    alone (another tool's dataset_info.json, metadata.json) do not make a folder this project's,
+    nor does a run.json that is not codit-generate's.
     """
     with _as_codit_error(self.output_dir):
       if not _exists(self.output_dir):
@@ -206,9 +212,12 @@ class DatasetWriter:
       if not _isdir(self.output_dir):
         raise CoditError(f"output_dir {self.output_dir} is an existing file, not a folder. Choose an "
                          "empty or new folder.")
-      names = _listdir(self.output_dir)
+      names = [n for n in _listdir(self.output_dir) if n != LOCK_FILE]
+      if _exists(self._path(RUN_FILE)) and not self._run_file_is_ours():
+        raise CoditError(f"output_dir {self.output_dir} holds a {RUN_FILE} that codit-generate did not write "
+                         "(it is not a JSON object of codit-generate's settings). Choose an empty or new folder.")
       ours = self._project_files()
-      if names and not ours:
+      if names and not any(_is_dataset_file(name) for name in ours):
         shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
         raise CoditError(f"output_dir {self.output_dir} is not empty and holds no codit-generate "
                          f"dataset (it has {shown}). Choose an empty or new folder.")
@@ -234,8 +243,15 @@ class DatasetWriter:
 
     restart (with force): delete the dataset even if its settings are these, e.g. because it
     was written from other prompts.
+
+    A local output_dir is locked first (its .codit-lock, flock): a second run on the folder
+    stops here, before it writes rows beside this one's. The lock is this process's until
+    release_locks() (codit-generate calls it when the run ends) or until the process ends,
+    kill -9 included. gs:// has no such lock: there finish() refuses ids written twice.
     """
-    self.check_claimable(force)
+    self.check_claimable(force)  # a folder refused is left as it was: no lock file in it
+    _lock(self.output_dir)
+    self.check_claimable(force)  # again, under the lock: another run may have claimed it meanwhile
     with _as_codit_error(self.output_dir):
       if _exists(self.output_dir):
         previous = self._previous_settings()
@@ -251,15 +267,13 @@ class DatasetWriter:
     run_file = self._path(RUN_FILE)
     if not _exists(run_file):
       return None
-    try:
-      settings = json.loads(_read_text(run_file))
-    except json.JSONDecodeError as e:
-      raise CoditError(f"{run_file} is not valid JSON ({e}). Pass --force to start over, or "
-                       "choose another output_dir.") from None
-    if not isinstance(settings, dict):
-      raise CoditError(f"{run_file} holds no settings object. Pass --force to start over, or choose another "
-                       "output_dir.")
+    settings = _settings_in(run_file)
+    if settings is None:
+      raise CoditError(f"{run_file} was not written by codit-generate. Choose another output_dir.")
     return {key: value for key, value in settings.items() if key not in self.not_content}
+
+  def _run_file_is_ours(self) -> bool:
+    return _settings_in(self._path(RUN_FILE)) is not None
 
   def _check_writable(self, folder: str) -> None:
     """Writes and removes a probe file: the only reliable test (root ignores permissions)."""
@@ -277,6 +291,8 @@ class DatasetWriter:
     found = []
     for name in _listdir(self.output_dir):
       base = name.split(_TMP)[0]
+      if name == RUN_FILE and not self._run_file_is_ours():
+        continue
       if (base in (RUN_FILE, PLAN_FILE, JSONL_FILE) + TFDS_METADATA_FILES or _SHARD_RE.match(base)
           or (name.startswith(".codit-probe") and _TMP in name)):
         found.append(name)
@@ -405,19 +421,29 @@ class DatasetWriter:
         if self.write_parquet:
           _place(self._path(PARTS_DIR, name + ".parquet"), self._path(PARQUET_DIR, parquet_name(i)))
       self._remove_leftovers(indexes)
-      split = tfds.core.SplitInfo(
-          name=SPLIT, shard_lengths=[indexes[n]["rows"] for n in plan],
-          num_bytes=sum(indexes[n]["bytes"] for n in plan),
-          filename_template=tfds.core.ShardedFileTemplate(
-              data_dir=self.output_dir, template=FILENAME_TEMPLATE, dataset_name=DATASET_NAME,
-              split=SPLIT, filetype_suffix="tfrecord"))
-      tfds.folder_dataset.write_metadata(
-          data_dir=self.output_dir, features=self._features, split_infos=[split],
-          filename_template=FILENAME_TEMPLATE, check_data=False, description=description,
-          metadata=tfds.core.MetadataDict(metadata))
+      self._write_tfds_metadata([indexes[n]["rows"] for n in plan], sum(indexes[n]["bytes"] for n in plan),
+                                metadata, description)
       if self.write_jsonl:
         self._join_jsonl(plan)
     return sum(indexes[n]["rows"] for n in plan)
+
+  def _write_tfds_metadata(self, shard_lengths: list[int], num_bytes: int, metadata: Mapping[str, Any],
+                           description: str) -> None:
+    """dataset_info.json, features.json and metadata.json over the shards, as
+    tfds.folder_dataset.write_metadata writes them, without its scan of the folder for shard files
+    (another tool's *-train.tfrecord-* beside ours would stop it)."""
+    name = posixpath.basename(self.output_dir)
+    identity = tfds.core.DatasetIdentity(
+        name=DATASET_NAME, version=tfds.core.Version(name if tfds.core.Version.is_valid(name) else "1.0.0"),
+        data_dir=self.output_dir, module_name="")
+    info = tfds.core.DatasetInfo(builder=identity, features=self._features, description=description,
+                                 metadata=tfds.core.MetadataDict(metadata))
+    info.set_file_format(tfds.core.FileFormat.TFRECORD)
+    template = tfds.core.ShardedFileTemplate(data_dir=epath.Path(self.output_dir), template=FILENAME_TEMPLATE,
+                                             dataset_name=DATASET_NAME, split=SPLIT, filetype_suffix="tfrecord")
+    info.set_splits(tfds.core.SplitDict([tfds.core.SplitInfo(
+        name=SPLIT, shard_lengths=shard_lengths, num_bytes=num_bytes, filename_template=template)]))
+    info.write_to_directory(self.output_dir)
 
   def _read_plan(self) -> list[str]:
     path = self._path(PLAN_FILE)
@@ -462,11 +488,62 @@ class DatasetWriter:
     _replace(temporary, final)
 
 
+# output_dir -> its open .codit-lock, for each folder this process holds the lock of.
+_LOCKS: dict[str, Any] = {}
+
+
+def _lock(output_dir: str) -> None:
+  if "://" in output_dir or (_exists(output_dir) and not _isdir(output_dir)):
+    return  # gs:// cannot flock; a file in the way is check_claimable's to explain
+  key = os.path.realpath(output_dir)
+  if key in _LOCKS:
+    return
+  with _as_codit_error(output_dir):
+    _makedirs(output_dir)
+    lock = open(os.path.join(output_dir, LOCK_FILE), "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or "another process"
+    lock.close()
+    raise CoditError(f"another codit-generate run ({holder}) is writing to {output_dir}: two runs on one folder "
+                     "would answer the same prompts side by side. Wait for it to end (then rerun to resume "
+                     "after it), or choose another output_dir.") from None
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+  lock.flush()
+  _LOCKS[key] = lock
+
+
+def release_locks() -> None:
+  """Releases the output_dir locks this process took in claim()."""
+  while _LOCKS:
+    _LOCKS.popitem()[1].close()
+
+
 class _Row:
   __slots__ = ("id", "digest", "record", "jsonl", "values")
 
   def __init__(self, id, digest, record, jsonl, values):  # pylint: disable=redefined-builtin
     self.id, self.digest, self.record, self.jsonl, self.values = id, digest, record, jsonl, values
+
+
+def _settings_in(run_file: str) -> dict | None:
+  """The settings in a run.json, or None where it is not codit-generate's (not JSON, not its keys)."""
+  try:
+    settings = json.loads(_read_text(run_file))
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  return settings if isinstance(settings, dict) and {"mode", "post_trained"} <= settings.keys() else None
+
+
+def _is_dataset_file(relative: str) -> bool:
+  """Whether a file of _project_files() shows the folder holds this project's dataset: any but the
+  TFDS metadata files (other tools write those names too) and probes."""
+  name = posixpath.basename(relative).split(_TMP)[0]
+  return name not in TFDS_METADATA_FILES and not name.startswith(".codit-probe")
 
 
 def _part_of(file_name: str) -> str:
