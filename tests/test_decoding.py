@@ -133,6 +133,26 @@ def test_sampler_follows_the_score(temperature, top_p, top_k):
   assert p_value > 1e-3
 
 
+def test_top_k_at_or_past_the_vocabulary_keeps_every_token():
+  score = jnp.asarray(np.random.default_rng(0).normal(size=(16, 8)), jnp.float32)
+  keys = sampling.step_keys(3, jnp.arange(16), 5)
+  unfiltered = sampling.sample(score, keys, 1.0, 1.0, 0)
+  for top_k in (8, 9, 1000):
+    np.testing.assert_array_equal(sampling.sample(score, keys, 1.0, 1.0, top_k), unfiltered)
+  assert not np.array_equal(sampling.sample(score, keys, 1.0, 1.0, 1), unfiltered)
+
+
+@pytest.mark.parametrize("key,value", [("beta", float("nan")), ("beta", float("inf")), ("beta", -0.5),
+                                       ("temperature", float("nan")), ("temperature", float("inf")),
+                                       ("alpha", float("nan")), ("top_p", float("nan"))])
+def test_sampling_settings_that_are_not_finite_numbers_in_range_are_refused(key, value):
+  # NaN passes a plain `beta < 0` check, and a NaN beta writes NaN scores and empty responses.
+  settings = dict(mode="codit", alpha=0.01, beta=1.0, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=8)
+  engine_lib.check_sampling(**settings)
+  with pytest.raises(CoditError, match=f"^{key} must be"):
+    engine_lib.check_sampling(**dict(settings, **{key: value}))
+
+
 def test_never_draws_outside_plausibility_set():
   family = "llama"
   post, pre, _ = _jax_pair(family)

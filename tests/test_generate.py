@@ -524,7 +524,7 @@ def test_no_usable_prompt_is_one_message_and_writes_nothing(tmp_path, content):
 @pytest.mark.parametrize("change,message", [
     (dict(mode="contrast"), "mode 'contrast' is not one of codit, direct"),
     (dict(alpha=0.0), "alpha must be in (0, 1]"),
-    (dict(temperature=-1.0), "temperature must be >= 0"),
+    (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
     (dict(dtype="float16"), "dtype 'float16' is not supported"),
     (dict(pre_trained="WEIGHTLESS"), "holds no *.safetensors weights"),
     (dict(profile_dir="gs://bucket/profile"), "profile_dir 'gs://bucket/profile' must be a local folder"),

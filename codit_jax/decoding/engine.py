@@ -109,14 +109,15 @@ def check_sampling(mode, alpha, beta, temperature, top_p, top_k, max_new_tokens)
     raise CoditError(f"mode {mode!r} is not one of {', '.join(MODES)}: set --config.mode=codit or direct.")
   if not 0 < alpha <= 1:
     raise CoditError(f"alpha must be in (0, 1] (the published value is 0.01); got {alpha}.")
-  if beta < 0:
-    raise CoditError(f"beta must be >= 0 (the published value is 1.0); got {beta}.")
-  if temperature < 0:
-    raise CoditError(f"temperature must be >= 0 (0 is greedy); got {temperature}.")
+  if not 0 <= beta < math.inf:  # written so that NaN is refused too
+    raise CoditError(f"beta must be a finite number >= 0 (the published value is 1.0); got {beta}.")
+  if not 0 <= temperature < math.inf:
+    raise CoditError(f"temperature must be a finite number >= 0 (0 is greedy); got {temperature}.")
   if not 0 < top_p <= 1:
     raise CoditError(f"top_p must be in (0, 1]; got {top_p}.")
   if top_k < 0:
-    raise CoditError(f"top_k must be >= 0 (0 is off); got {top_k}.")
+    raise CoditError(f"top_k must be >= 0 (0 is off; one at or past the vocabulary keeps every token); "
+                     f"got {top_k}.")
   if max_new_tokens < 1:
     raise CoditError(f"max_new_tokens must be >= 1; got {max_new_tokens}.")
 

@@ -64,7 +64,7 @@ def sample(score, keys, temperature: float, top_p: float = 1.0, top_k: int = 0):
   if temperature == 0:
     return argmax_first(score)
   score = score / temperature
-  if top_k:
+  if 0 < top_k < score.shape[-1]:  # k at or past the vocabulary keeps every token: no filter
     score = filter_top_k(score, top_k)
   if top_p < 1.0:
     score = filter_top_p(score, top_p)
