@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import tempfile
+import traceback
 from collections.abc import Callable, Sequence
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -265,8 +266,9 @@ def _parse_flags(argv: list[str], main, program: str, help_text: str, keys_file:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _fail(program, f"{e}. See {program} --help.", 2)
-  except (KeyError, AttributeError) as e:  # ml_collections, for a --config.<key> the config lacks
-    message = unknown_key_message(e, argv, keys_file)
+  except Exception as e:  # pylint: disable=broad-except  (the config file is Python, run while parsing)
+    message = (unknown_key_message(e, argv, keys_file) if isinstance(e, (KeyError, AttributeError)) else None) \
+        or config_file_message(e, argv, keys_file)
     if message is None:
       raise
     _fail(program, message, 2)
@@ -294,6 +296,45 @@ def unknown_key_message(error: Exception, argv: Sequence[str], keys_file: str) -
       if suggestion:
         hint = f" (did you mean {'.'.join(path[:path.index(key)] + [suggestion.group(1)])!r}?)"
       return f"unknown config key {dotted!r}{hint}; the keys are listed in {keys_file}."
+  return None
+
+
+def config_file_message(error: BaseException, argv: Sequence[str], keys_file: str) -> str | None:
+  """The one line for an error in the --config file's own code (a syntax error, no get_config(), an
+  exception its code raised), naming the file and line; None if the error did not come from it.
+
+  Files beside it count as its own: a config loads its base config from there (sibling_config).
+  """
+  path = _config_file(argv)
+  if path is None:
+    return None
+  folder = os.path.dirname(path)
+  if isinstance(error, SyntaxError) and error.filename and os.path.dirname(os.path.abspath(error.filename)) == folder:
+    return f"config file {error.filename}, line {error.lineno}: {error.msg}. Fix the file."
+  frames = [frame for frame in traceback.extract_tb(error.__traceback__)
+            if os.path.dirname(os.path.abspath(frame.filename)) == folder]
+  if frames:
+    return (f"config file {frames[-1].filename}, line {frames[-1].lineno}: {type(error).__name__}: "
+            f"{_first_line(error)}. Fix the file.")
+  if isinstance(error, AttributeError) and "get_config" in str(error):
+    return (f"config file {path} has no get_config(): a config file is Python whose get_config() returns "
+            f"the ConfigDict, as in {keys_file}.")
+  return None
+
+
+def _config_file(argv: Sequence[str]) -> str | None:
+  """The absolute path of the --config file in argv (ml_collections' `path.py:arguments` form too)."""
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    value = None
+    if re.match(r"--?config=", arg):
+      value = arg.split("=", 1)[1]
+    elif arg in ("--config", "-config") and i + 1 < len(args):
+      value = args[i + 1]
+    if value:
+      if not os.path.exists(value) and ":" in value:
+        value = value.split(":", 1)[0]
+      return os.path.abspath(value)
   return None
 
 

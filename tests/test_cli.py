@@ -125,6 +125,23 @@ def test_missing_config_file_is_one_line():
   _assert_one_error_line(result, "could not load --config=configs/no_such_config.py", "No such file")
 
 
+@pytest.mark.parametrize("module, text, fragments", [
+    ("codit_jax.generate", "def get_config(:\n  pass\n", ("bad.py, line 1: invalid syntax",)),
+    ("codit_jax.train", "def get_config(:\n  pass\n", ("bad.py, line 1: invalid syntax",)),
+    ("codit_jax.generate", "SEED = 1\n", ("bad.py has no get_config()", "as in configs/default.py")),
+    ("codit_jax.generate", "def get_config():\n  x = 1\n  return x.keys()\n",
+     ("bad.py, line 3: AttributeError: 'int' object has no attribute 'keys'",)),
+    # A config that extends another one beside it: the error is in that one.
+    ("codit_jax.generate", "from codit_jax import config_files\n\ndef get_config():\n"
+     "  return config_files.sibling_config(__file__, 'base.py')\n", ("base.py, line 2: NameError",)),
+])
+def test_an_error_in_the_config_file_is_one_line_naming_file_and_line(tmp_path, module, text, fragments):
+  (tmp_path / "bad.py").write_text(text)
+  (tmp_path / "base.py").write_text("def get_config():\n  return undefined_name\n")
+  result = _run(["-m", module, f"--config={tmp_path / 'bad.py'}"])
+  _assert_one_error_line(result, "error: config file", *fragments)
+
+
 # The console scripts are `codit_jax.generate:run` and `codit_jax.train.app:run`; called with the script's
 # name in argv[0] they behave as the installed scripts do.
 @pytest.mark.parametrize("args, program, keys_file", [
