@@ -101,6 +101,25 @@ def test_field_mapping_reads_other_field_names(tmp_path):
   assert [(r.id, r.instruction) for r in records] == [("u1", "Name a fish."), ("2", "Name a bird.")]
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_an_id_field_that_no_record_has_is_refused(tmp_path, suffix):
+  # A typo (uuid for uid) would otherwise number every record by its position, silently.
+  rows = [{"uid": "u1", "prompt": "Name a fish."}, {"uid": "u2", "prompt": "Name a bird."}]
+  path = tmp_path / f"seeds{suffix}"
+  if suffix == ".json":
+    path.write_text(json.dumps(rows))
+  else:
+    _write_lines(path, rows)
+  with pytest.raises(CoditError, match=r"names the id field 'uuid', which no record has \(the first record's "
+                                       r"fields: uid, prompt\)\. Fix --config.prompt_fields"):
+    instructions.load_instructions(path, fields=FieldMap.parse("instruction=prompt,id=uuid"))
+  records, _ = instructions.load_instructions(path, fields=FieldMap.parse("instruction=prompt,id=uid"))
+  assert [r.id for r in records] == ["u1", "u2"]
+  # The default id field may be absent from every record: they are numbered by position, as documented.
+  records, _ = instructions.load_instructions(path, fields=FieldMap.parse("instruction=prompt"))
+  assert [r.id for r in records] == (["1", "2"] if suffix == ".jsonl" else ["0", "1"])
+
+
 def test_field_map_parse():
   assert FieldMap.parse("instruction=prompt,id=uid") == FieldMap("prompt", "uid")
   assert FieldMap.parse(" id = uid ") == FieldMap("instruction", "uid")

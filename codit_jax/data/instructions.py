@@ -141,7 +141,11 @@ def read_instructions(source: str | Path, *, format: str | None = None,  # pylin
 def _good_instructions(raw_records: Iterator[tuple[int, Any]], source: str, position_word: str,
                        fields: FieldMap, strict: bool, report: InputReport) -> Iterator[Instruction]:
   seen_ids: dict[str, tuple[int, bool]] = {}  # id -> (position, whether the id is that position)
+  named_id_found, first_fields = fields.id == _DEFAULT_ID_FIELD, None
   for position, raw in raw_records:
+    if isinstance(raw, Mapping):
+      named_id_found = named_id_found or fields.id in raw
+      first_fields = first_fields if first_fields is not None else list(raw)
     result = raw if isinstance(raw, _Problem) else _to_instruction(raw, position, fields, source)
     numbered = isinstance(raw, Mapping) and raw.get(fields.id) is None
     if isinstance(result, Instruction) and result.id in seen_ids:
@@ -152,6 +156,11 @@ def _good_instructions(raw_records: Iterator[tuple[int, Any]], source: str, posi
     seen_ids[result.id] = (position, numbered)
     report.records_read += 1
     yield result
+  if not named_id_found and first_fields is not None:
+    # A mistyped id field would number every record by its position, silently.
+    raise CoditError(f"{source}: prompt_fields names the id field {fields.id!r}, which no record has (the first "
+                     f"record's fields: {', '.join(first_fields)}). Fix --config.prompt_fields, or leave id out "
+                     "of it to number the records by position.")
 
 
 def _duplicate(record_id: str, numbered: bool, first_position: int, first_numbered: bool,
