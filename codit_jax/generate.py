@@ -309,7 +309,7 @@ def generate(config, force: bool = False) -> dict:
   try:
     return _generate(config, force)
   finally:
-    writer_lib.release_locks()  # output_dir's lock, which process 0 takes when it claims the folder
+    runtime.release_folder_locks()  # output_dir's lock, which process 0 takes when it claims the folder
 
 
 def _generate(config, force: bool) -> dict:

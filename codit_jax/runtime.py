@@ -22,13 +22,17 @@ import glob
 import importlib.metadata
 import importlib.util
 import contextlib
+import fcntl
 import logging as std_logging
 import os
 import re
+import socket
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _VERBOSITY_FLAGS = ("verbosity", "v")  # absl's --verbosity and its short name
@@ -189,6 +193,51 @@ class _ConsoleFilter(std_logging.Filter):
     if record.levelno >= std_logging.WARNING:
       return record.getMessage() not in _HARMLESS_ABSL_WARNINGS
     return record.pathname.startswith(_PACKAGE_DIR + os.sep)
+
+
+# The lock file a run's process 0 holds in its local output folder (flock), and the ones this process holds.
+LOCK_FILE = ".codit-lock"
+_LOCKS: dict[str, Any] = {}
+
+
+def lock_folder(folder: str, program: str) -> None:
+  """Takes `folder`'s lock (creating the folder) for this process, or refuses with one line naming the
+  run that holds it: two runs writing one folder would do the same work side by side.
+
+  flock: the kernel releases it when the process ends, kill -9 included; a lock left by a dead run is
+  taken over. Held until release_folder_locks(). Nothing is locked on gs:// (no flock there) or
+  where a file is in the way (the caller's checks explain that).
+  """
+  if "://" in folder or (os.path.exists(folder) and not os.path.isdir(folder)):
+    return
+  key = os.path.realpath(folder)
+  if key in _LOCKS:
+    return
+  from codit_jax.errors import CoditError  # pylint: disable=g-import-not-at-top
+  try:
+    os.makedirs(folder, exist_ok=True)
+    lock = open(os.path.join(folder, LOCK_FILE), "a+", encoding="utf-8")  # pylint: disable=consider-using-with
+  except OSError as e:
+    raise CoditError(f"output_dir {folder} cannot be written ({e.strerror}). Choose a writable folder.") from None
+  try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    lock.seek(0)
+    holder = lock.read().strip() or "another process"
+    lock.close()
+    raise CoditError(f"another {program} run ({holder}) is writing to {folder}. Wait for it to end (then rerun "
+                     "to resume after it), or choose another output_dir.") from None
+  lock.seek(0)
+  lock.truncate()
+  lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+  lock.flush()
+  _LOCKS[key] = lock
+
+
+def release_folder_locks() -> None:
+  """Releases every folder lock this process took (lock_folder)."""
+  while _LOCKS:
+    _LOCKS.popitem()[1].close()
 
 
 def run_app(main: Callable[[list[str]], None], program: str, help_text: str, keys_file: str,

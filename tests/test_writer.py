@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from codit_jax import runtime
 from codit_jax.data import writer
 from codit_jax.errors import CoditError
 
@@ -540,7 +541,7 @@ def test_a_second_run_on_the_folder_is_refused_until_the_first_ends(tmp_path):
   w.claim()
   add(w, [1])
   assert w.finish({}, "test") == 1
-  writer.release_locks()  # codit-generate's end of run: another process may claim it now
+  runtime.release_folder_locks()  # codit-generate's end of run: another process may claim it now
   again = subprocess.run([sys.executable, "-c", _HOLD_LOCK.format(settings=SETTINGS).replace("time.sleep(600)", ""),
                           str(folder)], capture_output=True, text=True, check=False)
   assert again.stdout == "claimed\n", again.stderr

@@ -56,12 +56,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import fcntl
 import json
 import os
 import posixpath
 import re
-import socket
 import struct
 import sys
 import time
@@ -83,7 +81,7 @@ FILENAME_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}"
 # stop_repetitive's rule (codit_jax.decoding.repetition_stop). Only 'stop' is is_completed.
 FINISH_REASONS = ("stop", "length", "repetitive")
 RUN_FILE = "run.json"
-LOCK_FILE = ".codit-lock"
+LOCK_FILE = runtime.LOCK_FILE
 PLAN_FILE = "shards.json"
 JSONL_FILE = "codit.jsonl"
 PARTS_DIR = "parts"
@@ -246,11 +244,11 @@ class DatasetWriter:
 
     A local output_dir is locked first (its .codit-lock, flock): a second run on the folder
     stops here, before it writes rows beside this one's. The lock is this process's until
-    release_locks() (codit-generate calls it when the run ends) or until the process ends,
+    runtime.release_folder_locks() (codit-generate calls it when the run ends) or until it ends,
     kill -9 included. gs:// has no such lock: there finish() refuses ids written twice.
     """
     self.check_claimable(force)  # a folder refused is left as it was: no lock file in it
-    _lock(self.output_dir)
+    runtime.lock_folder(self.output_dir, "codit-generate")
     self.check_claimable(force)  # again, under the lock: another run may have claimed it meanwhile
     with _as_codit_error(self.output_dir):
       if _exists(self.output_dir):
@@ -486,41 +484,6 @@ class DatasetWriter:
           while chunk := part.read(1 << 24):
             out.write(chunk)
     _replace(temporary, final)
-
-
-# output_dir -> its open .codit-lock, for each folder this process holds the lock of.
-_LOCKS: dict[str, Any] = {}
-
-
-def _lock(output_dir: str) -> None:
-  if "://" in output_dir or (_exists(output_dir) and not _isdir(output_dir)):
-    return  # gs:// cannot flock; a file in the way is check_claimable's to explain
-  key = os.path.realpath(output_dir)
-  if key in _LOCKS:
-    return
-  with _as_codit_error(output_dir):
-    _makedirs(output_dir)
-    lock = open(os.path.join(output_dir, LOCK_FILE), "a+", encoding="utf-8")  # pylint: disable=consider-using-with
-  try:
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    lock.seek(0)
-    holder = lock.read().strip() or "another process"
-    lock.close()
-    raise CoditError(f"another codit-generate run ({holder}) is writing to {output_dir}: two runs on one folder "
-                     "would answer the same prompts side by side. Wait for it to end (then rerun to resume "
-                     "after it), or choose another output_dir.") from None
-  lock.seek(0)
-  lock.truncate()
-  lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-  lock.flush()
-  _LOCKS[key] = lock
-
-
-def release_locks() -> None:
-  """Releases the output_dir locks this process took in claim()."""
-  while _LOCKS:
-    _LOCKS.popitem()[1].close()
 
 
 class _Row:
