@@ -544,3 +544,95 @@ def test_ctrl_c_inside_tensorboard_writes_is_delivered_after_them():
   with metrics.interrupts_held():  # no signal: nothing raised
     ran.append("quiet")
   assert ran[-1] == "quiet"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(checkpoint_every=0), "checkpoint_every must be at least 1"),
+    (dict(model_parallelism=0), "model_parallelism must be at least 1"),
+    (dict(keep_checkpoints=-1), "keep_checkpoints must be >= 0"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),
+    (dict(export_dtype="float16"), "export_dtype 'float16' is not supported"),
+    (dict(output_dir="A_FILE"), "is an existing file, not a folder"),
+])
+def test_bad_settings_are_refused_before_anything_runs(tmp_path, change, message):
+  # Each failed late before: a ZeroDivisionError after the first eval, orbax's own error, or (export_dtype)
+  # after every step had run.
+  if change.get("output_dir") == "A_FILE":
+    (tmp_path / "a_file").write_text("x")
+    change = dict(output_dir=str(tmp_path / "a_file"))
+  settings = dict(student=_student("llama"), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(4)),
+                  output_dir=str(tmp_path / "out"))
+  with pytest.raises(CoditError, match=message):
+    trainer.validate(_config(**dict(settings, **change)))
+
+
+def test_a_chat_template_that_cannot_render_is_one_error():
+  tokenizer = transformers.AutoTokenizer.from_pretrained(_student("llama"))
+  with pytest.raises(CoditError, match=r"--config.chat_template cannot render a user turn \(line 1\): "
+                                       r"TemplateSyntaxError"):
+    data.set_chat_template(tokenizer, "{% for m in messages %", "student")
+
+
+def test_a_tokenizer_past_the_embedding_is_refused(tmp_path):
+  # Its ids past the embedding gathered garbage and trained to NaN, and the run ended with exit 0.
+  student = tmp_path / "student"
+  student.mkdir()
+  for f in Path(_student("llama")).iterdir():
+    (student / f.name).write_bytes(f.read_bytes())
+  config = json.loads((student / "config.json").read_text())
+  (student / "config.json").write_text(json.dumps(dict(config, vocab_size=100)))
+  settings = dict(student=str(student), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(8)),
+                  output_dir=str(tmp_path / "out"), max_steps=1, batch_size=2)
+  with pytest.raises(CoditError, match=r"has token ids up to \d+, but the model has 100 embedding rows"):
+    trainer.train(_config(**settings))
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_run_stops_before_it_saves_or_exports(tmp_path):
+  settings = dict(student=_student("llama"), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(16)),
+                  output_dir=str(tmp_path / "out"), max_steps=6, batch_size=4, max_length=128, learning_rate=1e12,
+                  max_grad_norm=0.0, eval_fraction=0.0, log_every=1, checkpoint_every=100)
+  with pytest.raises(CoditError, match=r"training diverged: loss .* by step \d\. Nothing of these steps was saved "
+                                       r"or exported \(the last checkpoint is none\)"):
+    trainer.train(_config(**settings))
+  assert not (tmp_path / "out" / "hf").exists()
+  assert not [p for p in (tmp_path / "out" / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_an_eval_set_that_the_filters_empty_is_refused(tmp_path):
+  records = [dict(r, finish_reason="length") for r in _records(3)]  # all unfinished: dropped
+  settings = dict(student=_student("llama"), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(8)),
+                  eval_datasets=_write_jsonl(tmp_path / "eval.jsonl", records), output_dir=str(tmp_path / "out"),
+                  max_steps=1, batch_size=2)
+  with pytest.raises(CoditError, match=r"eval_datasets .*eval.jsonl leaves no eval example of 3 read \(dropped: "
+                                       r"\{'unfinished': 3\}\)"):
+    trainer.train(_config(**settings))
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_its_metrics(tmp_path):
+  (tmp_path / metrics.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in [
+      {"step": 0, "eval_loss": 6.0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}]))
+  metrics.MetricsLog(tmp_path, 0).close()  # a fresh start: it writes the step-0 eval again
+  assert metrics.read(tmp_path) == []
+  (tmp_path / metrics.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in [
+      {"step": 0, "eval_loss": 6.0}, {"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}]))
+  metrics.MetricsLog(tmp_path, 1).close()  # resumed from checkpoint 1
+  assert metrics.read(tmp_path) == [{"step": 0, "eval_loss": 6.0}, {"step": 1, "loss": 5.0}]
+
+
+def test_a_second_run_on_the_output_dir_is_refused(tmp_path):
+  out = tmp_path / "out"
+  holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from codit_jax import runtime; "
+                             "runtime.lock_folder(sys.argv[1], 'codit-train'); print('locked', flush=True); "
+                             "time.sleep(600)", str(out)], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline() == "locked\n"
+    settings = dict(student=_student("llama"), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(24)),
+                    output_dir=str(out), max_steps=1, batch_size=2, max_length=256)
+    with pytest.raises(CoditError, match=rf"another codit-train run \(pid {holder.pid} on .*\) is writing to {out}"):
+      trainer.train(_config(**settings))
+    assert sorted(p.name for p in out.iterdir()) == [".codit-lock"]
+  finally:
+    holder.kill()
+    holder.wait()
+  assert trainer.train(_config(**settings))["total_steps"] == 1  # the holder is gone: its lock with it

@@ -340,6 +340,13 @@ def set_chat_template(tokenizer, chat_template: str, student: str) -> None:
   if not getattr(tokenizer, "chat_template", None):
     raise CoditError(f"the student {student!r} has no chat template (a base model?). Give it one with "
                      "--config.chat_template=chatml or a Jinja template string.")
+  try:
+    tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+  except Exception as e:  # pylint: disable=broad-except  (jinja2's errors, and what the template raises)
+    where = "--config.chat_template" if chat_template else f"the chat template of the student {student!r}"
+    line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+    raise CoditError(f"{where} cannot render a user turn{line}: {type(e).__name__}: {e}. Fix the template, or "
+                     "use --config.chat_template=chatml.") from None
 
 
 def assistant_end_ids(tokenizer, stop_ids: Sequence[int]) -> list[int]:

@@ -19,14 +19,16 @@ class MetricsLog:
 
   A resumed run first drops the records past the step it resumes from: they
   belong to steps that the killed run did not checkpoint and that are run
-  again, so the file then reads like one uninterrupted run's.
+  again, so the file then reads like one uninterrupted run's. A run that starts
+  at step 0 (the killed one saved no checkpoint) drops them all: it writes the
+  step-0 eval again.
   """
 
   def __init__(self, output_dir: Path, resume_step: int):
     self.path = output_dir / METRICS_FILE
     if self.path.is_file():
       kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+              if resume_step and line.strip() and json.loads(line).get("step", 0) <= resume_step]
       self.path.write_text("".join(line + "\n" for line in kept))
     import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow; TensorBoard event files only)
     from tensorflow.core.framework import summary_pb2  # pylint: disable=g-import-not-at-top

@@ -16,6 +16,7 @@ with the weights of an uninterrupted run.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from codit_jax import checkpoints, parallel
+from codit_jax import checkpoints, parallel, runtime
 from codit_jax.errors import CoditError
 from codit_jax.models.decoder import Decoder, use_expert_parallelism
 from codit_jax.train import checkpointing, data, export, metrics, steps
@@ -44,10 +45,22 @@ def validate(config) -> None:
                      f"--config.{missing[0]}=..., e.g. --config=configs/sft_default.py "
                      "--config.student=Qwen/Qwen3-0.6B-Base --config.chat_template=chatml "
                      "--config.datasets=/data/codit-qwen3-8b --config.output_dir=/data/sft-qwen3-0.6b.")
-  positive = ("batch_size", "grad_accumulation", "log_every")
+  positive = ("batch_size", "grad_accumulation", "log_every", "checkpoint_every", "model_parallelism")
   for key in positive:
     if config[key] < 1:
       raise CoditError(f"{key} must be at least 1; got {config[key]}.")
+  for key in ("keep_checkpoints", "eval_every", "warmup_steps"):
+    if config[key] < 0:
+      raise CoditError(f"{key} must be >= 0; got {config[key]}.")
+  if not 0 < config.learning_rate < math.inf:  # written so that NaN is refused too
+    raise CoditError(f"learning_rate must be a finite number > 0; got {config.learning_rate}.")
+  if config.export_dtype and config.export_dtype not in export.EXPORT_DTYPES:
+    raise CoditError(f"export_dtype {config.export_dtype!r} is not supported; use '' (the student's own dtypes) "
+                     f"or one of {', '.join(export.EXPORT_DTYPES)}.")
+  output_dir = Path(config.output_dir).expanduser()
+  if output_dir.exists() and not output_dir.is_dir():
+    raise CoditError(f"output_dir {output_dir} is an existing file, not a folder. Choose a new folder, or the "
+                     "folder of the run to resume.")
   if config.max_length < 2:
     raise CoditError(f"max_length must be at least 2; got {config.max_length}.")
   if config.max_steps < 0 or (config.max_steps == 0 and config.epochs < 1):
@@ -73,9 +86,16 @@ def prepare_data(config, fmt: data.ChatFormat, report: data.DataReport):
     raise CoditError(f"no training examples are left of {report.read} read (dropped: {dict(report.dropped)}). "
                      "Check the filters (drop_repetitive, drop_unfinished) and max_length.")
   if config.eval_datasets:  # one fixed eval set, so that students tuned on different data compare
+    eval_report = data.DataReport()
     eval_examples = data.read_datasets(config.eval_datasets, drop_repetitive=config.drop_repetitive,
-                                       drop_unfinished=config.drop_unfinished)
-    eval_set = [t for e in eval_examples if (t := data.tokenize(fmt, e, config.max_length)) is not None]
+                                       drop_unfinished=config.drop_unfinished, report=eval_report)
+    eval_set = [t for e in eval_examples if (t := data.tokenize(fmt, e, config.max_length, eval_report)) is not None]
+    eval_report.kept = len(eval_set)
+    logging.info("eval data (%s): %s.", config.eval_datasets, eval_report.as_dict())
+    if not eval_set:
+      raise CoditError(f"eval_datasets {config.eval_datasets} leaves no eval example of {eval_report.read} read "
+                       f"(dropped: {dict(eval_report.dropped)}). Check the filters (drop_repetitive, drop_unfinished) "
+                       "and max_length, or leave eval_datasets empty to hold out eval_fraction of the training data.")
     return tokenized, eval_set
   train_ids, eval_ids = data.split_eval(len(tokenized), config.eval_fraction, config.seed)
   return [tokenized[i] for i in train_ids], [tokenized[i] for i in eval_ids]
@@ -96,6 +116,13 @@ def evaluate(eval_step, params, batches, mesh) -> float:
 
 def train(config) -> dict:
   """Runs (or resumes) the job of `config`; returns a summary."""
+  try:
+    return _train(config)
+  finally:
+    runtime.release_folder_locks()  # output_dir's lock, which process 0 takes before it writes there
+
+
+def _train(config) -> dict:
   if config is None:
     raise CoditError("no config: pass --config=configs/<file>.py (configs/sft_demo.py runs offline).")
   validate(config)
@@ -113,6 +140,7 @@ def train(config) -> dict:
         "differentiated, so MoE students train on TPU or GPU (jax.lax.ragged_dot) only.")
   tokenizer = checkpoints.load_tokenizer(student_path, "student")
   data.set_chat_template(tokenizer, config.chat_template, config.student)
+  _check_vocabulary(tokenizer, cfg, config.student)
   fmt = data.ChatFormat.for_student(tokenizer, student_path)
   logging.info("end of an assistant turn: %s", tokenizer.convert_ids_to_tokens(list(fmt.end_ids)))
   report = data.DataReport()
@@ -130,6 +158,8 @@ def train(config) -> dict:
     logging.warning("batch_size %d does not split over %d data-parallel replicas: every replica computes the "
                     "whole batch. Use a multiple of %d.", config.batch_size, mesh.shape[parallel.DATA],
                     mesh.shape[parallel.DATA])
+  if jax.process_index() == 0:  # before anything is written: a second run on the folder stops here
+    runtime.lock_folder(str(output_dir), "codit-train")
   manager = checkpointing.Checkpoints(output_dir / CHECKPOINT_DIR, config.keep_checkpoints)
   start = manager.latest_step() or 0
   # The data's size too: a dataset that changed under a run would silently change the data order.
@@ -163,6 +193,26 @@ def train(config) -> dict:
   summary.update(hf_dir=str(hf_dir), wall_seconds=time.perf_counter() - started)
   logging.info("done: %s", summary)
   return summary
+
+
+def _check_vocabulary(tokenizer, cfg, student: str) -> None:
+  """Refuses a tokenizer with ids past the model's embedding: they would train to NaN."""
+  ids = list(tokenizer.get_vocab().values()) + list(getattr(tokenizer, "added_tokens_decoder", None) or {})
+  if ids and max(ids) >= cfg.vocab_size:
+    raise CoditError(f"the tokenizer of {student} has token ids up to {max(ids)}, but the model has {cfg.vocab_size} "
+                     "embedding rows (config.json vocab_size): those ids would train to NaN. Use the student's own "
+                     "tokenizer files.")
+
+
+def _stop_if_not_finite(step_metrics: list[dict], step: int, manager) -> None:
+  """Ends the run before a checkpoint or export of diverged weights."""
+  bad = next((m for m in step_metrics if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]))), None)
+  if bad is not None:
+    last = manager.latest_step()
+    raise CoditError(
+        f"training diverged: loss {float(bad['loss'])}, gradient norm {float(bad['grad_norm'])} by step {step}. "
+        f"Nothing of these steps was saved or exported (the last checkpoint is {f'step {last}' if last else 'none'}). "
+        "Lower learning_rate or raise warmup_steps (or use compute_dtype=float32), in a new output_dir.")
 
 
 def _initial_state(config, cfg, student_path, mesh, manager, start: int, total_steps: int):
@@ -205,9 +255,11 @@ def _loop(config, params, opt_state, start, total_steps, plan, train_step, eval_
         timed_tokens += int(batch["tokens"].size - np.sum(batch["segment_ids"] == 0))
       window.append(step_metrics)
     if step % config.checkpoint_every == 0 or step == total_steps:
+      _stop_if_not_finite([jax.device_get(window[-1])], step, manager)
       manager.save(step, params, opt_state, {"step": step, "data_position": step * accumulation, "epoch": epoch})
     if step % config.log_every == 0 or step == total_steps:
       host = jax.device_get(window)
+      _stop_if_not_finite(host, step, manager)
       elapsed = time.perf_counter() - timer_start
       loss = float(np.mean([m["loss"] for m in host]))
       log.write(step, loss=loss, learning_rate=float(schedule(step - 1)),
