@@ -316,8 +316,11 @@ def test_progress_bar_on_a_terminal():
 
 
 def test_errors_say_what_to_fix(tmp_path):
-  with pytest.raises(CoditError, match="not a readable TFDS dataset"):
+  with pytest.raises(CoditError, match="missing' does not exist. Give the output_dir"):
     report.build_report(str(tmp_path / "missing"), out=str(tmp_path / "r.html"))
+  (tmp_path / "notes").mkdir()
+  with pytest.raises(CoditError, match="not a readable TFDS dataset"):
+    report.build_report(str(tmp_path / "notes"), out=str(tmp_path / "r.html"))
 
 
 def test_cli_writes_the_page(demo, tmp_path):
@@ -331,6 +334,13 @@ def test_cli_writes_the_page(demo, tmp_path):
   bad = subprocess.run([sys.executable, "-m", "codit_jax.report", str(tmp_path / "nope"), f"--out={out}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 1 and "codit-report: error:" in bad.stderr and "Traceback" not in bad.stderr
+  assert "does not exist" in bad.stderr and "oneDNN" not in bad.stderr, bad.stderr
+  unknown = subprocess.run([sys.executable, "-m", "codit_jax.report", demo["codit"], f"--out={out}",
+                            "--ids=demo-002,no-such-id"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert unknown.returncode == 0 and "warning: 1 of the --ids are not in" in unknown.stderr, unknown.stderr
+  usage = subprocess.run([sys.executable, "-m", "codit_jax.report", "--help"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+  assert "codit-report OUTPUT_DIR [OTHER_DIR] --out=report.html" in usage.stdout and "--samples: How many" in usage.stdout
 
 
 # ------------------------------------------------------------------------------------ headless browser

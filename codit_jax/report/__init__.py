@@ -55,12 +55,19 @@ def main(argv) -> None:
     raise app.UsageError("give one dataset folder, or two to compare: codit-report OUTPUT_DIR [OTHER_DIR] "
                          "--out=report.html")
   ids = [i.strip() for i in FLAGS.ids.split(",") if i.strip()] if FLAGS.ids else None
+  if FLAGS.samples < 0 or FLAGS.top_k < 0 or FLAGS.min_count < 1:
+    print("codit-report: error: --samples and --top_k must be >= 0 and --min_count >= 1.", file=sys.stderr)
+    sys.exit(2)
   try:
     result = build_report(argv[1], argv[2] if len(argv) == 3 else None, out=FLAGS.out, samples=FLAGS.samples,
                           seed=FLAGS.seed, ids=ids, top_k=FLAGS.top_k, min_count=FLAGS.min_count)
   except CoditError as e:
     print(f"codit-report: error: {e}", file=sys.stderr)
     sys.exit(1)
+  missing = [i for i in ids or [] if i not in {r.id for r in result["datasets"][0].samples}]
+  if missing:
+    print(f"codit-report: warning: {len(missing)} of the --ids are not in {argv[1]}: {', '.join(missing[:5])}",
+          file=sys.stderr)
   rows = ", ".join(f"{d.directory}: {d.stats.rows} rows in {d.seconds:.1f}s" for d in result["datasets"])
   print(f"codit-report: wrote {result['out']} ({result['bytes'] / 1024:.0f} KiB; {rows}).")
 
@@ -81,7 +88,13 @@ def run() -> None:
   """Console script entry point (codit-report)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import app  # pylint: disable=g-import-not-at-top
+
+  from codit_jax import runtime  # pylint: disable=g-import-not-at-top
   _define_flags()
+  # absl's --help prints the main module's docstring; these flags are this module's, not the main one's.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  sys.modules["__main__"].__doc__ = f"{__doc__}\n{flags.FLAGS.module_help(__name__)}"
+  runtime.import_tensorflow_quietly()  # it reads with tf.data; TensorFlow's native start-up lines dropped
   app.run(main)
 
 

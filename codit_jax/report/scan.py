@@ -12,6 +12,7 @@ import collections
 import dataclasses
 import hashlib
 import heapq
+import os
 import sys
 import time
 from typing import Any, Iterable, Mapping
@@ -230,8 +231,11 @@ def sample_key(seed: int, row_id: str) -> bytes:
 
 def open_builder(directory: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if "://" not in directory and not os.path.isdir(os.path.expanduser(directory)):
+    what = "is a file, not a folder" if os.path.exists(os.path.expanduser(directory)) else "does not exist"
+    raise CoditError(f"{directory!r} {what}. Give the output_dir of a finished codit-generate run.")
   try:
-    builder = tfds.builder_from_directory(directory)
+    builder = tfds.builder_from_directory(os.path.expanduser(directory))
   except Exception as e:  # missing folder, not a TFDS dataset: the user fixes the path
     raise CoditError(f"{directory!r} is not a readable TFDS dataset folder ({type(e).__name__}: {e}). "
                      "Give the output_dir of a finished codit-generate run.") from None
