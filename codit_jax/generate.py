@@ -73,6 +73,8 @@ _NOT_CONTENT_KEYS = frozenset({
     "output_dir", "prompts", "batch_size", "model_parallelism", "pair_parallel", "compilation_cache_dir",
     "log_every_seconds", "chunk_steps", "admit_tokens", "rows_per_shard", "strict_input", "kv_cache_gib",
     "profile_dir", "profile_chunks"})
+# What direct mode does not read: its dataset is the same whatever these are, so a resumed run may change them.
+_UNUSED_IN_DIRECT_MODE = frozenset({"alpha", "beta", "pre_trained"})
 # Prompts up to this many tokens run in the main pass; longer ones (up to max_prompt_len) after it,
 # in fewer slots sized for them, within the same memory.
 MAIN_PROMPT_LEN = 2048
@@ -238,7 +240,11 @@ def _clock(seconds: float) -> str:
 
 def run_settings(config) -> dict:
   """The settings that decide the dataset's content (run.json, the resume guard)."""
-  return {key: value for key, value in config.items() if key not in _NOT_CONTENT_KEYS}
+  return {key: value for key, value in config.items() if key not in _not_content_keys(config)}
+
+
+def _not_content_keys(config) -> frozenset:
+  return _NOT_CONTENT_KEYS | (_UNUSED_IN_DIRECT_MODE if config.mode == "direct" else frozenset())
 
 
 def main(argv) -> None:
@@ -338,8 +344,12 @@ def _generate(config, force: bool) -> dict:
   else:
     vocab_size = prompts.real_vocab_size(post_tokenizer, config.post_trained)
   end_ids = tuple(prompts.end_token_ids(post_tokenizer, post_path))
-  max_prompt_len = config.max_prompt_len or post_cfg.max_position_embeddings - config.max_new_tokens
-  if max_prompt_len < 1 or max_prompt_len + config.max_new_tokens > post_cfg.max_position_embeddings:
+  context = post_cfg.max_position_embeddings
+  if config.max_new_tokens >= context:
+    raise CoditError(f"max_new_tokens {config.max_new_tokens} leaves no room for a prompt in the context of "
+                     f"{config.post_trained} ({context} positions). Lower it below {context}.")
+  max_prompt_len = config.max_prompt_len or context - config.max_new_tokens
+  if max_prompt_len + config.max_new_tokens > context:
     raise CoditError(
         f"max_prompt_len {max_prompt_len} + max_new_tokens {config.max_new_tokens} exceeds the context of "
         f"{config.post_trained} ({post_cfg.max_position_embeddings} positions). Lower one of them.")
@@ -361,7 +371,7 @@ def _generate(config, force: bool) -> dict:
   settings = run_settings(config)
   writer = writer_lib.DatasetWriter(config.output_dir, settings, process_index=process, num_processes=num_processes,
                                     rows_per_shard=config.rows_per_shard, write_jsonl=config.write_jsonl,
-                                    write_parquet=config.write_parquet, not_content=_NOT_CONTENT_KEYS)
+                                    write_parquet=config.write_parquet, not_content=_not_content_keys(config))
   writer.check_claimable(force=force)
   try:
     prompts_to_do(items, writer.finished(), config.output_dir)

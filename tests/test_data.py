@@ -171,7 +171,7 @@ def test_parquet(tmp_path):
   records, report = instructions.load_instructions(path, fields=FieldMap.parse("instruction=prompt,id=uid"))
   assert [(r.id, r.instruction, r.line) for r in records] == [("f", "Name a fish.", 0), ("b", "Name a bird.", 2)]
   assert report.counts == {"missing_instruction": 1, "empty_instruction": 1}
-  assert report.examples[0] == f"{path} record 1: no 'prompt' field"
+  assert report.examples[0] == f"{path} record 1: 'prompt' is null"
 
   # Integer ids as text; without an id column the record index is the id.
   pq.write_table(pa.table({"instruction": ["A.", "B."], "id": [10, 11]}), tmp_path / "int_ids.parquet")
@@ -258,9 +258,9 @@ _BAD_LINES = [
     ('["a", "list"]', "not_an_object", "record is a list, not an object"),
     ('"just a string"', "not_an_object", "record is a str, not an object"),
     ('{"id": "n1"}', "missing_instruction", "no 'instruction' field"),
-    ('{"id": "n2", "instruction": null}', "missing_instruction", "no 'instruction' field"),
+    ('{"id": "n2", "instruction": null}', "missing_instruction", "'instruction' is null"),
     ('{"id": "e1", "instruction": ""}', "empty_instruction", "'instruction' is empty"),
-    ('{"id": "e2", "instruction": " \\n\\t "}', "empty_instruction", "'instruction' is empty"),
+    ('{"id": "e2", "instruction": " \\n\\t "}', "empty_instruction", "'instruction' is only whitespace"),
     ('{"id": "s1", "instruction": 42}', "instruction_not_string", "'instruction' is a int, not text"),
     ('{"id": "s2", "instruction": ["a", "b"]}', "instruction_not_string", "'instruction' is a list, not text"),
     # Valid JSON, but half an emoji: a str with no UTF-8 form, which the tokenizer would choke on.
@@ -576,7 +576,7 @@ def test_fit_prompt_skip_policy(tokenizers):
   assert fitted == prompts.FittedPrompt(None, _LONG_INSTRUCTION, "skipped", len(full))
   assert report.counts == {"prompt_too_long": 1} and report.skipped == 1
   assert report.examples == [
-      f"seeds.jsonl id 'x7': prompt is {len(full)} tokens, over max_prompt_len={len(full) - 1}"]
+      f"seeds.jsonl line 3 (id 'x7'): prompt is {len(full)} tokens, over max_prompt_len={len(full) - 1}"]
 
 
 @pytest.mark.parametrize("family,generation_prompt", [("llama", _LLAMA_GENERATION_PROMPT),
@@ -605,7 +605,7 @@ def test_fit_prompt_truncate_policy(tokenizers, family, generation_prompt, cut):
     assert head.startswith("Summarize") and tail.endswith("capital of France?")
   assert report.counts == {"prompt_truncated": 1} and report.skipped == 0
   assert report.examples == [
-      f"seeds.jsonl id 'x7': prompt of {len(full)} tokens truncated to {len(fitted.ids)} "
+      f"seeds.jsonl line 3 (id 'x7'): prompt of {len(full)} tokens truncated to {len(fitted.ids)} "
       f"(max_prompt_len={max_len}) by cutting the middle of the instruction"]
 
 
@@ -643,7 +643,7 @@ def test_fit_prompts_tokenized_in_batches_equal_each_prompt_encoded_alone(tokeni
                                      add_special_tokens=False)
   kind = "prompt_too_long" if policy == "skip" else "prompt_truncated"
   assert report.counts == {kind: 2} and [e.split(":")[0] for e in report.examples] == [
-      "seeds.jsonl id 'i1'", "seeds.jsonl id 'i5'"]
+      "seeds.jsonl line 2 (id 'i1')", "seeds.jsonl line 6 (id 'i5')"]
 
 
 def test_fit_prompt_errors(tokenizers):
@@ -752,3 +752,16 @@ def test_normal_prose_is_not_flagged():
   # A list with a repeated pattern of its own is still fine.
   steps = "\n".join(f"{i}. Mix the flour, the sugar and egg number {i}." for i in range(1, 6))
   assert len(steps) > 100 and not repetition.is_repetitive(steps)
+
+
+def test_malformed_jsonl_messages_point_at_the_line_itself(tmp_path):
+  cut = _write_lines(tmp_path / "cut.jsonl", ['{"id": "a", "instruction": ', '{"id": "b", "instruction": "Hi."}'])
+  _, report = instructions.load_instructions(cut)
+  assert report.examples == [f"{cut} line 1: not valid JSON (Expecting value at column 28)"]
+  assert report.summary() == (f"{cut}: 1 instruction read, 1 record skipped (malformed_json: 1). First problems: "
+                              f"{cut} line 1: not valid JSON (Expecting value at column 28)")
+  array = tmp_path / "array.jsonl"
+  array.write_text(json.dumps([{"id": "a", "instruction": "Hi."}], indent=2) + "\n")
+  _, report = instructions.load_instructions(array)
+  assert report.examples[0].endswith("the file looks like a JSON array, which needs the .json suffix or "
+                                     "--config.prompts_format=json")

@@ -182,7 +182,16 @@ def test_direct_mode_records_no_pre_logprobs(tmp_path):
   settings = _overrides(tmp_path, prompts=str(_write_prompts(tmp_path / "seed.jsonl", 3)), mode="direct",
                         pre_trained="")
   generate_app.generate(_config(**settings))
-  assert all(r["pre_logprobs"] == [] and r["response_tokens"] for r in _records(settings["output_dir"]).values())
+  records = _records(settings["output_dir"])
+  assert all(r["pre_logprobs"] == [] and r["response_tokens"] for r in records.values())
+  # What direct mode does not read does not guard its dataset: it resumes (complete), not refused.
+  more = dict(settings, prompts=str(_write_prompts(tmp_path / "more.jsonl", 4)), alpha=0.5, beta=2.0,
+              pre_trained="org/some-base")
+  summary = generate_app.generate(_config(**more))
+  assert summary["rows"] == 4 and summary["new_rows"] == 1
+  assert {k: v for k, v in _records(settings["output_dir"]).items() if k in records} == records
+  with pytest.raises(CoditError, match="mode: 'direct' -> 'codit'"):
+    generate_app.generate(_config(**dict(more, mode="codit", pre_trained=settings["post_trained"])))
 
 
 def test_profile_dir_records_a_trace_whose_ops_are_named_by_block(tmp_path):
@@ -525,6 +534,7 @@ def test_no_usable_prompt_is_one_message_and_writes_nothing(tmp_path, content):
     (dict(mode="contrast"), "mode 'contrast' is not one of codit, direct"),
     (dict(alpha=0.0), "alpha must be in (0, 1]"),
     (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(max_new_tokens=100000), "max_new_tokens 100000 leaves no room for a prompt in the context of"),
     (dict(dtype="float16"), "dtype 'float16' is not supported"),
     (dict(pre_trained="WEIGHTLESS"), "holds no *.safetensors weights"),
     (dict(profile_dir="gs://bucket/profile"), "profile_dir 'gs://bucket/profile' must be a local folder"),

@@ -56,6 +56,12 @@ class Instruction:
   instruction: str
   source: str
   line: int
+  position_word: str = dataclasses.field(default="line", compare=False)  # "line" (JSONL) or "record"
+
+  @property
+  def where(self) -> str:
+    """Where an editor finds it: 'seeds.jsonl line 5 (id 'x7')'."""
+    return f"{self.source} {self.position_word} {self.line} (id {self.id!r})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +109,8 @@ class InputReport:
 
   def summary(self) -> str:
     head = f"{self.source}: " if self.source else ""
-    text = f"{head}{self.records_read} instructions read, {self.skipped} records skipped"
+    text = (f"{head}{self.records_read} instruction{'' if self.records_read == 1 else 's'} read, "
+            f"{self.skipped} record{'' if self.skipped == 1 else 's'} skipped")
     if not self.counts:
       return text + "."
     kinds = ", ".join(f"{kind}: {n}" for kind, n in sorted(self.counts.items()))
@@ -146,7 +153,7 @@ def _good_instructions(raw_records: Iterator[tuple[int, Any]], source: str, posi
     if isinstance(raw, Mapping):
       named_id_found = named_id_found or fields.id in raw
       first_fields = first_fields if first_fields is not None else list(raw)
-    result = raw if isinstance(raw, _Problem) else _to_instruction(raw, position, fields, source)
+    result = raw if isinstance(raw, _Problem) else _to_instruction(raw, position, fields, source, position_word)
     numbered = isinstance(raw, Mapping) and raw.get(fields.id) is None
     if isinstance(result, Instruction) and result.id in seen_ids:
       result = _duplicate(result.id, numbered, *seen_ids[result.id], position_word)
@@ -199,7 +206,8 @@ def detect_format(source: str) -> str:
   if format is None:
     raise CoditError(
         f"input file {source!r}: cannot tell its format from the suffix {path.suffix!r}. Use one "
-        f"of {', '.join(sorted(_SUFFIX_FORMATS))} or name the format ({', '.join(FORMATS)}).")
+        f"of {', '.join(sorted(_SUFFIX_FORMATS))} or name the format with --config.prompts_format "
+        f"({', '.join(FORMATS)}).")
   if format == "json" and _first_char(path) != "[":
     return "jsonl"  # many seed files named *.json hold one object per line
   return format
@@ -240,10 +248,13 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
       text = text.lstrip("\ufeff") if line_number == 1 else text
       if not text.strip():
         continue  # blank lines hold no record
+      text = text.rstrip("\r\n")  # so that a line cut short errs at its own end, not at column 1 of the next
       try:
         yield line_number, json.loads(text)
       except json.JSONDecodeError as e:
-        yield line_number, _Problem("malformed_json", f"not valid JSON ({e.msg} at column {e.colno})")
+        hint = (": the file looks like a JSON array, which needs the .json suffix or --config.prompts_format=json"
+                if line_number == 1 and text.strip() == "[" else "")
+        yield line_number, _Problem("malformed_json", f"not valid JSON ({e.msg} at column {e.colno}){hint}")
 
 
 def _json_array_records(path: Path) -> Iterator[tuple[int, Any]]:
@@ -328,23 +339,25 @@ def _columns_to_read(source: str, available: list[str], fields: FieldMap, word: 
   return [fields.instruction]
 
 
-def _to_instruction(raw: Any, position: int, fields: FieldMap, source: str) -> Instruction | _Problem:
+def _to_instruction(raw: Any, position: int, fields: FieldMap, source: str,
+                    position_word: str) -> Instruction | _Problem:
   if not isinstance(raw, Mapping):
     return _Problem("not_an_object", f"record is a {type(raw).__name__}, not an object")
   instruction = _as_text(raw.get(fields.instruction))
   if raw.get(fields.instruction) is None:
-    return _Problem("missing_instruction", f"no {fields.instruction!r} field")
+    return _Problem("missing_instruction", f"{fields.instruction!r} is null" if fields.instruction in raw
+                    else f"no {fields.instruction!r} field")
   if not isinstance(instruction, str):
     return _Problem("instruction_not_string",
                     f"{fields.instruction!r} is a {type(raw[fields.instruction]).__name__}, not text")
   if not _is_unicode(instruction):
     return _Problem("instruction_not_string", f"{fields.instruction!r} {_LONE_SURROGATE}")
   if not instruction.strip():
-    return _Problem("empty_instruction", f"{fields.instruction!r} is empty")
+    return _Problem("empty_instruction", f"{fields.instruction!r} is {'only whitespace' if instruction else 'empty'}")
   record_id = _record_id(raw.get(fields.id), position)
   if isinstance(record_id, _Problem):
     return record_id
-  return Instruction(id=record_id, instruction=instruction, source=source, line=position)
+  return Instruction(id=record_id, instruction=instruction, source=source, line=position, position_word=position_word)
 
 
 def _record_id(raw_id: Any, position: int) -> str | _Problem:

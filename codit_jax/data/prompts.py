@@ -246,7 +246,7 @@ def _truncate_middle(tokenizer, text: str, prompt_length: int, max_prompt_len: i
 
 def _where(instruction: Instruction | str) -> str:
   if isinstance(instruction, Instruction):
-    return f"{instruction.source} id {instruction.id!r}"
+    return instruction.where
   return "instruction"
 
 
