@@ -168,7 +168,10 @@ def _train(config) -> dict:
 
   state = _initial_state(config, cfg, student_path, mesh, manager, start, total_steps)
   layout, params, opt_state, tx, schedule, shardings, opt_shardings = state
-  if start:
+  if start >= total_steps:
+    logging.info("already trained to step %d of %d (checkpoint in %s): exporting %s again.", start, total_steps,
+                 output_dir / CHECKPOINT_DIR, output_dir / HF_DIR)
+  elif start:
     logging.info("resuming from step %d of %d (checkpoint in %s).", start, total_steps, output_dir / CHECKPOINT_DIR)
 
   train_step = steps.make_train_step(layout, tx, config.compute_dtype, shardings, opt_shardings)
