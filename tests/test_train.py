@@ -636,3 +636,25 @@ def test_a_second_run_on_the_output_dir_is_refused(tmp_path):
     holder.kill()
     holder.wait()
   assert trainer.train(_config(**settings))["total_steps"] == 1  # the holder is gone: its lock with it
+
+
+def test_ctrl_c_during_a_checkpoint_save_keeps_that_checkpoint(tmp_path, monkeypatch):
+  # Raised inside orbax's synchronous part of save(), the KeyboardInterrupt left its background commit
+  # waiting: close() hung for orbax's 300 s timeout. It is delivered once the save has started.
+  original = ocp.CheckpointManager.save
+
+  def save_interrupted_at_step_2(self, step, *args, **kwargs):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+    return original(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, "save", save_interrupted_at_step_2)
+  settings = dict(student=_student("llama"), datasets=_write_jsonl(tmp_path / "a.jsonl", _records(24)),
+                  output_dir=str(tmp_path / "out"), max_steps=4, batch_size=2, max_length=256, checkpoint_every=2,
+                  eval_fraction=0.0)
+  started = time.perf_counter()
+  with pytest.raises(KeyboardInterrupt):
+    trainer.train(_config(**settings))
+  assert time.perf_counter() - started < 120
+  monkeypatch.undo()
+  assert trainer.train(_config(**settings))["start_step"] == 2

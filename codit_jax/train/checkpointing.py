@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from codit_jax.errors import CoditError
+from codit_jax.train import metrics
 
 RUN_FILE = "train_run.json"
 
@@ -34,10 +35,16 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, params, opt_state, progress: dict[str, Any]) -> None:
-    """Starts an asynchronous save; training goes on while it is written."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-        progress=ocp.args.JsonSave(progress)), force=True)
+    """Starts an asynchronous save; training goes on while it is written.
+
+    A Ctrl-C is delivered once the save has started: raised inside orbax's synchronous part, it
+    left the background commit waiting for a signal that never came (close() then hung for
+    orbax's 300 s timeout, with tracebacks); after it, close() finishes the checkpoint.
+    """
+    with metrics.interrupts_held():
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
+          progress=ocp.args.JsonSave(progress)), force=True)
 
   def restore(self, step: int, abstract_params, abstract_opt_state):
     """(params, opt_state, progress) of checkpoint `step`, placed as the abstract arrays' shardings."""
