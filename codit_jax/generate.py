@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
 import os
 import time
 
@@ -200,9 +201,10 @@ class Progress:
     done = self.done_before + stats.prompts_done
     rate = stats.prompts_done / max(now - self.started, 1e-9)
     eta = (self.total - done) / rate if rate else float("nan")
-    logging.info("prompts %d/%d (%.1f%%) | live slots %d/%d | slot utilization %.1f%% (%.1f%% while prompts "
-                 "wait) | %.0f tokens/s | elapsed %s | ETA %s", done, self.total, 100 * done / max(self.total, 1),
-                 stats.live_slots, self.batch_size, 100 * stats.utilization, 100 * stats.utilization_while_waiting,
+    waiting = stats.utilization_while_waiting  # NaN while no prompt ever waited (fewer prompts than slots)
+    logging.info("prompts %d/%d (%.1f%%) | live slots %d/%d | slot utilization %.1f%%%s | %.0f tokens/s | elapsed %s "
+                 "| ETA %s", done, self.total, 100 * done / max(self.total, 1), stats.live_slots, self.batch_size,
+                 100 * stats.utilization, "" if math.isnan(waiting) else f" ({100 * waiting:.1f}% while prompts wait)",
                  stats.tokens_per_second, _clock(now - self.started), _clock(eta))
 
 

@@ -41,7 +41,7 @@ _PROGRAMS = {"codit_jax.generate": "codit-generate", "codit_jax.train": "codit-t
              "codit_jax.train.app": "codit-train"}
 # The programs that always import TensorFlow (codit-train reads its data with TFDS's tf.data).
 _TENSORFLOW_PROGRAMS = frozenset({"codit-train"})
-_HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
+HELP_ARGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
 
 # Known-harmless lines, matched by their exact text so that any other warning still shows.
 # transformers, at import, when torch is absent (torch is only the tests' reference here).
@@ -186,6 +186,13 @@ class _DropExact(std_logging.Filter):
     return record.getMessage() not in self.messages
 
 
+def quiet_console() -> None:
+  """Keeps a plain run's console to the program's own lines (see _ConsoleFilter); --verbosity=0 shows all."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if not wants_full_logs(sys.argv):
+    logging.get_absl_handler().addFilter(_ConsoleFilter())
+
+
 class _ConsoleFilter(std_logging.Filter):
   """What a plain run prints: our own INFO lines, and every library's warnings but the known-harmless."""
 
@@ -252,18 +259,13 @@ def run_app(main: Callable[[list[str]], None], program: str, help_text: str, key
     device memory (RESOURCE_EXHAUSTED, at compile time or run time).
   """
   from absl import app  # pylint: disable=g-import-not-at-top  (after quiet_environment)
-  from absl import logging  # pylint: disable=g-import-not-at-top
-
   from codit_jax.errors import CoditError  # pylint: disable=g-import-not-at-top
-
-  full_logs = wants_full_logs(sys.argv)
 
   def parse(argv):
     return _parse_flags(argv, main, program, help_text, keys_file)
 
   def checked_main(argv):
-    if not full_logs:
-      logging.get_absl_handler().addFilter(_ConsoleFilter())
+    quiet_console()
     _check_config_loaded()
     if program in _TENSORFLOW_PROGRAMS:
       import_tensorflow_quietly()  # codit-train reads its data with TFDS, which imports TensorFlow late
@@ -308,7 +310,7 @@ def _parse_flags(argv: list[str], main, program: str, help_text: str, keys_file:
   from absl import flags  # pylint: disable=g-import-not-at-top
 
   args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
-  if any(arg in _HELP_ARGS for arg in args):
+  if any(arg in HELP_ARGS for arg in args):
     print(_help(main, help_text, full=any(arg.lstrip("-") == "helpfull" for arg in args)))
     sys.exit(0)
   try:

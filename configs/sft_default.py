@@ -5,9 +5,10 @@
       --config.datasets=/data/codit-qwen3-8b --config.output_dir=/data/sft-codit \
       --config.learning_rate=1e-5
 
-`datasets` takes one or more codit-generate output folders, TFDS folders or
-JSONL files (fields instruction and response; finish_reason and repetitive
-optional), separated by commas. The tuned student is written to
+`datasets` takes one or more codit-generate output folders, TFDS folders,
+JSONL or Parquet files (fields instruction and response; finish_reason or
+is_completed, and repetitive, optional) and Hub dataset folders as downloaded,
+separated by commas. The tuned student is written to
 output_dir/hf as a Hugging Face folder; rerunning the same command resumes
 from the latest checkpoint. Any key can be overridden with
 --config.<key>=<value>; configs/sft_demo.py starts from this file.
@@ -22,12 +23,12 @@ def get_config() -> config_dict.ConfigDict:
   # What to tune, on what, and where it goes.
   config.student = ""  # HF folder, Hub id or builtin:demo-post; any supported family
   config.chat_template = ""  # '' the student's own; 'chatml' or a Jinja string for students without one
-  config.datasets = ""  # comma-separated codit-generate output folders, TFDS folders or JSONL files
+  config.datasets = ""  # comma-separated: codit-generate / TFDS folders, JSONL or Parquet files, Hub dataset folders
   config.output_dir = ""  # checkpoints, metrics.jsonl, tensorboard/, and hf/ (the tuned student)
 
   # Data.
   config.drop_repetitive = True  # leave out responses flagged repetitive (degenerate)
-  config.drop_unfinished = True  # leave out responses cut by the length limit (finish_reason 'length')
+  config.drop_unfinished = True  # leave out unfinished responses: 'length' or 'repetitive', is_completed false
   config.max_length = 2048  # tokens per row (prompt + response + end token)
   config.packing = True  # several examples per row, each attending only to itself
   config.eval_fraction = 0.02  # held out (seeded) for eval_loss

@@ -24,7 +24,7 @@ def get_config():
   config.drop_unfinished = False
   config.max_length = 256
   config.eval_fraction = 0.1
-  config.max_steps = 30  # about 6 epochs; longer overfits the 43 training examples
+  config.max_steps = 30  # about 6 epochs; longer overfits the 42 training examples
   config.batch_size = 4
   config.learning_rate = 3e-3  # a tiny random model: far above what a real student takes
   config.warmup_steps = 5

@@ -2,6 +2,7 @@
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import tiny_checkpoints
 from codit_jax import generate as generate_app
 from codit_jax.config_files import sibling_config
 from codit_jax.data import prompts, repetition, writer
+from codit_jax.decoding import engine as engine_lib
 from codit_jax.decoding import torch_reference
 from codit_jax.errors import CoditError
 
@@ -596,3 +598,16 @@ def test_a_local_run_imports_neither_tensorflow_nor_keras_nor_torch(tmp_path):
   assert f"codit-generate: wrote 5 rows to {settings['output_dir']}" in result.stdout, result.stdout
   assert "loaded: []" in result.stdout, result.stdout
   assert sorted(_records(settings["output_dir"])) == [f"p{i}" for i in range(5)]  # and TFDS reads it back
+
+
+def test_the_progress_line_names_what_it_measured(caplog):
+  stats = engine_lib.EngineStats(prompts_done=3, generated_tokens=300, seconds=2.0, slot_steps=400,
+                                 live_slot_steps=100, live_slots=1)
+  with caplog.at_level(logging.INFO):
+    generate_app.Progress(3, 0, 0.0, 4).update(stats, force=True)
+    stats.waiting_slot_steps, stats.waiting_live_slot_steps = 200, 150
+    generate_app.Progress(3, 0, 0.0, 4).update(stats, force=True)
+  few, many = [r.getMessage() for r in caplog.records if "slot utilization" in r.getMessage()]
+  # Fewer prompts than slots: none ever waited, so there is no such utilization to show (not "nan%").
+  assert "slot utilization 25.0% | 150 tokens/s" in few and "nan" not in few and "live slots 1/4" in few
+  assert "slot utilization 25.0% (75.0% while prompts wait) | 150 tokens/s" in many

@@ -330,6 +330,7 @@ def test_cli_writes_the_page(demo, tmp_path):
                         "--ids=demo-002,demo-003"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert run.returncode == 0, run.stderr[-2000:]
   assert "codit-report: wrote" in run.stdout
+  assert not [line for line in run.stderr.splitlines() if "dataset_info.py" in line or "I0000" in line], run.stderr
   assert [c["id"] for c in Page(out.read_text()).cards] == ["demo-002", "demo-002", "demo-003", "demo-003"]
   bad = subprocess.run([sys.executable, "-m", "codit_jax.report", str(tmp_path / "nope"), f"--out={out}"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -340,7 +341,7 @@ def test_cli_writes_the_page(demo, tmp_path):
   assert unknown.returncode == 0 and "warning: 1 of the --ids are not in" in unknown.stderr, unknown.stderr
   usage = subprocess.run([sys.executable, "-m", "codit_jax.report", "--help"], cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
-  assert "codit-report OUTPUT_DIR [OTHER_DIR] --out=report.html" in usage.stdout and "--samples: How many" in usage.stdout
+  assert usage.returncode == 0 and "codit-report OUTPUT_DIR [OTHER_DIR]" in usage.stdout and "--samples: How" in usage.stdout
 
 
 # ------------------------------------------------------------------------------------ headless browser

@@ -49,6 +49,9 @@ def build_report(directory: str, other: str | None = None, *, out: str = "report
 
 def main(argv) -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
+
+  from codit_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.quiet_console()
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if len(argv) not in (2, 3):
     from absl import app  # pylint: disable=g-import-not-at-top
@@ -89,11 +92,14 @@ def run() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
   from absl import app  # pylint: disable=g-import-not-at-top
 
+  from absl import flags  # pylint: disable=g-import-not-at-top
+
   from codit_jax import runtime  # pylint: disable=g-import-not-at-top
   _define_flags()
-  # absl's --help prints the main module's docstring; these flags are this module's, not the main one's.
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  sys.modules["__main__"].__doc__ = f"{__doc__}\n{flags.FLAGS.module_help(__name__)}"
+  usage = f"{__doc__}\n{flags.FLAGS.module_help(__name__)}"  # these flags are this module's, not __main__'s
+  if any(arg in runtime.HELP_ARGS for arg in sys.argv[1:]):
+    print(usage)  # absl's own --help exits 1
+    sys.exit(0)
   runtime.import_tensorflow_quietly()  # it reads with tf.data; TensorFlow's native start-up lines dropped
   app.run(main)
 
