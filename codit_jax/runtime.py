@@ -234,6 +234,11 @@ def lock_folder(folder: str, program: str) -> None:
     lock.close()
     raise CoditError(f"another {program} run ({holder}) is writing to {folder}. Wait for it to end (then rerun "
                      "to resume after it), or choose another output_dir.") from None
+  except OSError as e:  # a file system without locks (some NFS mounts): run as before there were locks
+    lock.close()
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("%s cannot be locked (%s): a second run on it would not be stopped.", folder, e.strerror)
+    return
   lock.seek(0)
   lock.truncate()
   lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

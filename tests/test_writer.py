@@ -596,3 +596,15 @@ def test_an_unwritable_location(tmp_path, monkeypatch):
   monkeypatch.setattr(writer, "_open", read_only)  # the disk turns read-only mid-run: the TFRecord first
   with pytest.raises(CoditError, match=r"error in output_dir .* \(a read-only file system\): Read-only"):
     w.flush()
+
+
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch, caplog):
+  def no_locks(*args):
+    raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+  monkeypatch.setattr(runtime.fcntl, "flock", no_locks)
+  w = new_writer(tmp_path / "out")
+  w.claim()  # a warning, not an error
+  add(w, [1])
+  assert w.finish({}, "test") == 1
+  assert "cannot be locked (No locks available)" in caplog.text
