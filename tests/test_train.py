@@ -253,6 +253,9 @@ def test_resume_with_other_settings_refused(trained):
   settings, _ = trained
   with pytest.raises(CoditError, match="learning_rate: 0.005 -> 0.001"):
     trainer.train(_config(**dict(settings, learning_rate=1e-3)))
+  # The same data spelled another way is not another setting: the finished run is exported again.
+  respelled = dict(settings, datasets=settings["datasets"].replace(",", " , ") + "/")
+  assert trainer.train(_config(**respelled))["start_step"] == settings["max_steps"]
 
 
 def test_filters_drop_repetitive_and_unfinished_rows(tmp_path):

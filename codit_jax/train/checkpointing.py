@@ -11,6 +11,7 @@ the step is all a resumed run needs to continue with the very next batch.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -69,9 +70,9 @@ def claim(output_dir: Path, settings: dict[str, Any], has_checkpoints: bool) -> 
   """Records the settings that decide the run; refuses to resume checkpoints written with others."""
   run_file = output_dir / RUN_FILE
   if run_file.is_file() and has_checkpoints:
-    previous = json.loads(run_file.read_text())
-    if previous != settings:
-      changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+    previous, current = _comparable(json.loads(run_file.read_text())), _comparable(settings)
+    if previous != current:
+      changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
       details = "; ".join(f"{k}: {previous.get(k)!r} -> {settings.get(k)!r}" for k in changed)
       raise CoditError(
           f"{output_dir} holds checkpoints of a run with other settings ({details}). Rerun with the same "
@@ -80,3 +81,10 @@ def claim(output_dir: Path, settings: dict[str, Any], has_checkpoints: bool) -> 
   temporary = run_file.with_name(run_file.name + ".tmp")
   temporary.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
   temporary.replace(run_file)
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+  """Settings as a resume compares them: a dataset path with a trailing slash or ~ names the same data."""
+  def paths(value: str) -> str:
+    return ",".join(os.path.expanduser(p.strip()).rstrip("/") or "/" for p in value.split(",") if p.strip())
+  return {k: paths(v) if k in ("datasets", "eval_datasets") and isinstance(v, str) else v for k, v in settings.items()}
